@@ -1,0 +1,3 @@
+from router_app.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,337 @@
+"""Load and validate the router's two configuration files (config.yml, models.yml).
+
+Pure apart from reading the files: every problem is collected (file, key, reason) so an operator sees them all
+in one run of `llm-router check-config`, which the Ansible role uses as `validate:`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_DIR = "/etc/llm-router"
+CONFIG_DIR_ENV = "LLM_ROUTER_CONFIG_DIR"
+CONFIG_FILE = "config.yml"
+MODELS_FILE = "models.yml"
+
+BACKEND_KINDS = ("llamacpp", "sglang", "tabbyapi")
+STATUS_CHANNELS = ("reasoning", "content", "none")
+
+MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+UNIT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]*\.service$")
+URL_PATTERN = re.compile(r"^https?://[^/\s:]+(:\d{1,5})?/?$")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    kind: str
+    url: str
+    warmup: bool
+    """Send a real 1-token request before declaring the engine ready (first real request then is fast)."""
+    stop_timeout: float
+    """Seconds to wait, after the unit stopped, for the engine's port to refuse connections."""
+
+    @property
+    def host(self) -> str:
+        return self.url.split("://", 1)[1].split(":", 1)[0].rstrip("/")
+
+    @property
+    def port(self) -> int:
+        rest = self.url.split("://", 1)[1].rstrip("/")
+        if ":" in rest:
+            return int(rest.rsplit(":", 1)[1])
+        return 443 if self.url.startswith("https") else 80
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str
+    backend: str
+    unit: str
+    name: str
+    load_timeout: float
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 8002
+    api_keys: tuple[str, ...] = ()
+    systemctl: tuple[str, ...] = ("systemctl",)
+    journalctl: tuple[str, ...] = ("journalctl",)
+    load_timeout: float = 180.0
+    status_channel: str = "reasoning"
+    speed_footer: bool = True
+    footer_non_streaming: bool = False
+    queue_limit: int = 64
+    keepalive_interval: float = 5.0
+    progress_interval: float = 2.0
+    shutdown_grace: float = 60.0
+    backends: Mapping[str, BackendConfig] = field(default_factory=dict)
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+
+    def units(self) -> list[str]:
+        return [m.unit for m in self.models.values()]
+
+
+class ConfigError(Exception):
+    """One or more problems, each naming file, key and reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def resolve_config_dir(cli_value: str | None) -> Path:
+    return Path(cli_value or os.environ.get(CONFIG_DIR_ENV) or DEFAULT_CONFIG_DIR)
+
+
+class _Checker:
+    """Collects problems while reading one YAML mapping."""
+
+    def __init__(self, file: str, problems: list[str]) -> None:
+        self.file = file
+        self.problems = problems
+
+    def problem(self, key: str, reason: str) -> None:
+        self.problems.append(f"{self.file}: {key}: {reason}")
+
+    def unknown_keys(self, data: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
+        for key in data:
+            if key not in allowed:
+                self.problem(
+                    f"{prefix}{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})"
+                )
+
+    def get(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        prefix: str,
+        types: tuple[type, ...],
+        default: Any,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        if key not in data:
+            return default
+        value = data[key]
+        # bool is an int in Python: a YAML `true` must not pass as a number, nor 1 as a boolean.
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if not isinstance(value, types) or wrong_bool:
+            names = " or ".join(_type_name(t) for t in types)
+            self.problem(f"{prefix}{key}", f"must be {names}, got {_type_name(type(value))} {value!r}")
+            return default
+        if check is not None:
+            reason = check(value)
+            if reason:
+                self.problem(f"{prefix}{key}", reason)
+                return default
+        return value
+
+
+def _type_name(t: type) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }.get(t, t.__name__)
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _read_yaml(path: Path, problems: list[str]) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.append(f"{path.name}: cannot read {path}: file not found")
+        return None
+    except OSError as exc:
+        problems.append(f"{path.name}: cannot read {path}: {exc.strerror}")
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problems.append(f"{path.name}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}")
+        return None
+
+
+def _check_listen(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"must be HOST:PORT with a port 1-65535, got {value!r}"
+    return None
+
+
+def _check_argv(value: list[Any]) -> str | None:
+    if not value or not all(isinstance(v, str) and v for v in value):
+        return "must be a non-empty list of non-empty strings"
+    return None
+
+
+def _check_keys(value: list[Any]) -> str | None:
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        return "must be a list of non-empty strings"
+    return None
+
+
+def parse_config(
+    config_data: Any, models_data: Any, problems: list[str], check_models: bool = True
+) -> RouterConfig:
+    """Build a RouterConfig from already-parsed YAML, appending every problem found."""
+    c = _Checker(CONFIG_FILE, problems)
+    if config_data is None:
+        config_data = {}
+    if not isinstance(config_data, dict):
+        c.problem("(top level)", f"must be a mapping, got {_type_name(type(config_data))}")
+        config_data = {}
+    defaults = RouterConfig()
+    allowed = {
+        "listen", "api_keys", "systemctl", "journalctl", "load_timeout", "status_channel", "speed_footer",
+        "footer_non_streaming", "queue_limit", "keepalive_interval", "progress_interval", "shutdown_grace",
+        "backends",
+    }
+    c.unknown_keys(config_data, allowed, "")
+    listen = c.get(config_data, "listen", "", (str,), "0.0.0.0:8002", _check_listen)
+    host, _, port = listen.rpartition(":")
+    api_keys = c.get(config_data, "api_keys", "", (list,), [], _check_keys) or []
+    systemctl = c.get(config_data, "systemctl", "", (list,), ["systemctl"], _check_argv)
+    journalctl = c.get(config_data, "journalctl", "", (list,), ["journalctl"], _check_argv)
+    num = (int, float)
+    load_timeout = c.get(config_data, "load_timeout", "", num, defaults.load_timeout, _positive)
+    channel = c.get(
+        config_data, "status_channel", "", (str,), defaults.status_channel,
+        lambda v: None if v in STATUS_CHANNELS else f"must be one of {', '.join(STATUS_CHANNELS)}, got {v!r}",
+    )
+    speed_footer = c.get(config_data, "speed_footer", "", (bool,), defaults.speed_footer)
+    footer_ns = c.get(config_data, "footer_non_streaming", "", (bool,), defaults.footer_non_streaming)
+    queue_limit = c.get(config_data, "queue_limit", "", (int,), defaults.queue_limit, _positive)
+    keepalive = c.get(config_data, "keepalive_interval", "", num, defaults.keepalive_interval, _positive)
+    progress = c.get(config_data, "progress_interval", "", num, defaults.progress_interval, _positive)
+    grace = c.get(config_data, "shutdown_grace", "", num, defaults.shutdown_grace, _positive)
+
+    backends: dict[str, BackendConfig] = {}
+    raw_backends = c.get(config_data, "backends", "", (dict,), {})
+    for kind, raw in raw_backends.items():
+        key = f"backends.{kind}"
+        if kind not in BACKEND_KINDS:
+            c.problem(key, f"unknown backend kind (allowed: {', '.join(BACKEND_KINDS)})")
+            continue
+        if not isinstance(raw, dict):
+            c.problem(key, f"must be a mapping with 'url', got {_type_name(type(raw))}")
+            continue
+        c.unknown_keys(raw, {"url", "warmup", "stop_timeout"}, f"{key}.")
+        if "url" not in raw:
+            c.problem(f"{key}.url", "missing (e.g. http://127.0.0.1:8085)")
+            continue
+        url = c.get(
+            raw, "url", f"{key}.", (str,), None,
+            lambda v: None if URL_PATTERN.match(v) else f"must be http(s)://HOST:PORT without a path, got {v!r}",
+        )
+        warmup = c.get(raw, "warmup", f"{key}.", (bool,), kind == "tabbyapi")
+        stop_timeout = c.get(raw, "stop_timeout", f"{key}.", num, 30.0, _positive)
+        if url is not None:
+            backends[kind] = BackendConfig(kind, url.rstrip("/"), warmup, float(stop_timeout))
+
+    models = _parse_models(models_data, backends, float(load_timeout), problems) if check_models else {}
+    return RouterConfig(
+        listen_host=host or "0.0.0.0",
+        listen_port=int(port) if port.isdigit() else 8002,
+        api_keys=tuple(api_keys),
+        systemctl=tuple(systemctl),
+        journalctl=tuple(journalctl),
+        load_timeout=float(load_timeout),
+        status_channel=channel,
+        speed_footer=speed_footer,
+        footer_non_streaming=footer_ns,
+        queue_limit=queue_limit,
+        keepalive_interval=float(keepalive),
+        progress_interval=float(progress),
+        shutdown_grace=float(grace),
+        backends=backends,
+        models=models,
+    )
+
+
+def _parse_models(
+    data: Any, backends: Mapping[str, BackendConfig], default_timeout: float, problems: list[str]
+) -> dict[str, ModelConfig]:
+    c = _Checker(MODELS_FILE, problems)
+    if not isinstance(data, dict):
+        c.problem("(top level)", "must be a mapping with a 'models' key")
+        return {}
+    c.unknown_keys(data, {"models"}, "")
+    raw_models = data.get("models")
+    if not isinstance(raw_models, dict) or not raw_models:
+        c.problem("models", "must be a non-empty mapping of model id to its settings")
+        return {}
+    models: dict[str, ModelConfig] = {}
+    unit_owner: dict[str, str] = {}
+    for model_id, raw in raw_models.items():
+        key = f"models.{model_id}"
+        if not isinstance(model_id, str) or not MODEL_ID_PATTERN.match(model_id):
+            c.problem(key, "model id must be 1-128 characters: letters, digits, '.', '_', ':', '-'")
+            continue
+        if not isinstance(raw, dict):
+            c.problem(key, f"must be a mapping with 'backend' and 'unit', got {_type_name(type(raw))}")
+            continue
+        c.unknown_keys(raw, {"backend", "unit", "name", "load_timeout"}, f"{key}.")
+        before = len(problems)
+        for required in ("backend", "unit"):
+            if required not in raw:
+                c.problem(f"{key}.{required}", "missing")
+        backend = c.get(raw, "backend", f"{key}.", (str,), None)
+        if backend is not None and backend not in backends:
+            configured = ", ".join(sorted(backends)) or "none"
+            c.problem(f"{key}.backend", f"{backend!r} is not a configured backend in config.yml (configured: {configured})")
+        unit = c.get(
+            raw, "unit", f"{key}.", (str,), None,
+            lambda v: None if UNIT_PATTERN.match(v) else f"must be a systemd service name ending in .service, got {v!r}",
+        )
+        if unit is not None:
+            if unit in unit_owner:
+                c.problem(f"{key}.unit", f"{unit!r} is already the unit of model {unit_owner[unit]!r}")
+            else:
+                unit_owner[unit] = model_id
+        name = c.get(raw, "name", f"{key}.", (str,), model_id)
+        timeout = c.get(raw, "load_timeout", f"{key}.", (int, float), default_timeout, _positive)
+        if len(problems) == before:
+            models[model_id] = ModelConfig(model_id, backend, unit, name, float(timeout))
+    return models
+
+
+def load_config(config_dir: Path) -> RouterConfig:
+    """Read and validate both files of a config directory; raise ConfigError listing every problem."""
+    return load_config_files(config_dir / CONFIG_FILE, config_dir / MODELS_FILE)
+
+
+def load_config_files(config_file: Path, models_file: Path | None) -> RouterConfig:
+    """Validate files at arbitrary paths (Ansible's `validate:` hands over a temporary copy).
+
+    With `models_file=None` only config.yml is checked: the role validates config.yml on its own before
+    models.yml, which is then checked against the config.yml that just landed.
+    """
+    problems: list[str] = []
+    config_data = _read_yaml(config_file, problems)
+    models_data = _read_yaml(models_file, problems) if models_file is not None else None
+    if problems:
+        raise ConfigError(problems)
+    config = parse_config(config_data, models_data, problems, check_models=models_file is not None)
+    if problems:
+        raise ConfigError(problems)
+    return config
