@@ -18,8 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument(
-            "--config-dir", help="directory with config.yml and models.yml "
-            "(default: $LLM_ROUTER_CONFIG_DIR, else /etc/llm-router)",
+            "--config-dir",
+            help="directory with config.yml and models.yml (default: $LLM_ROUTER_CONFIG_DIR, else /etc/llm-router)",
         )
     check = sub.choices["check-config"]
     check.add_argument("--config-file", help="check this file instead of CONFIG_DIR/config.yml")

@@ -105,9 +105,7 @@ class _Checker:
     def unknown_keys(self, data: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
         for key in data:
             if key not in allowed:
-                self.problem(
-                    f"{prefix}{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})"
-                )
+                self.problem(f"{prefix}{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
     def get(
         self,
@@ -190,9 +188,7 @@ def _check_keys(value: list[Any]) -> str | None:
     return None
 
 
-def parse_config(
-    config_data: Any, models_data: Any, problems: list[str], check_models: bool = True
-) -> RouterConfig:
+def parse_config(config_data: Any, models_data: Any, problems: list[str], check_models: bool = True) -> RouterConfig:
     """Build a RouterConfig from already-parsed YAML, appending every problem found."""
     c = _Checker(CONFIG_FILE, problems)
     if config_data is None:
@@ -202,8 +198,18 @@ def parse_config(
         config_data = {}
     defaults = RouterConfig()
     allowed = {
-        "listen", "api_keys", "systemctl", "journalctl", "load_timeout", "status_channel", "speed_footer",
-        "footer_non_streaming", "queue_limit", "keepalive_interval", "progress_interval", "shutdown_grace",
+        "listen",
+        "api_keys",
+        "systemctl",
+        "journalctl",
+        "load_timeout",
+        "status_channel",
+        "speed_footer",
+        "footer_non_streaming",
+        "queue_limit",
+        "keepalive_interval",
+        "progress_interval",
+        "shutdown_grace",
         "backends",
     }
     c.unknown_keys(config_data, allowed, "")
@@ -215,7 +221,11 @@ def parse_config(
     num = (int, float)
     load_timeout = c.get(config_data, "load_timeout", "", num, defaults.load_timeout, _positive)
     channel = c.get(
-        config_data, "status_channel", "", (str,), defaults.status_channel,
+        config_data,
+        "status_channel",
+        "",
+        (str,),
+        defaults.status_channel,
         lambda v: None if v in STATUS_CHANNELS else f"must be one of {', '.join(STATUS_CHANNELS)}, got {v!r}",
     )
     speed_footer = c.get(config_data, "speed_footer", "", (bool,), defaults.speed_footer)
@@ -240,7 +250,11 @@ def parse_config(
             c.problem(f"{key}.url", "missing (e.g. http://127.0.0.1:8085)")
             continue
         url = c.get(
-            raw, "url", f"{key}.", (str,), None,
+            raw,
+            "url",
+            f"{key}.",
+            (str,),
+            None,
             lambda v: None if URL_PATTERN.match(v) else f"must be http(s)://HOST:PORT without a path, got {v!r}",
         )
         warmup = c.get(raw, "warmup", f"{key}.", (bool,), kind == "tabbyapi")
@@ -298,10 +312,18 @@ def _parse_models(
         backend = c.get(raw, "backend", f"{key}.", (str,), None)
         if backend is not None and backend not in backends:
             configured = ", ".join(sorted(backends)) or "none"
-            c.problem(f"{key}.backend", f"{backend!r} is not a configured backend in config.yml (configured: {configured})")
+            c.problem(
+                f"{key}.backend", f"{backend!r} is not a configured backend in config.yml (configured: {configured})"
+            )
         unit = c.get(
-            raw, "unit", f"{key}.", (str,), None,
-            lambda v: None if UNIT_PATTERN.match(v) else f"must be a systemd service name ending in .service, got {v!r}",
+            raw,
+            "unit",
+            f"{key}.",
+            (str,),
+            None,
+            lambda v: (
+                None if UNIT_PATTERN.match(v) else f"must be a systemd service name ending in .service, got {v!r}"
+            ),
         )
         if unit is not None:
             if unit in unit_owner:
