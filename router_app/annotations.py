@@ -1,0 +1,117 @@
+"""Every text the router writes into answers, and how to find it again to take it out of later requests.
+
+Two kinds of text exist, both built only here:
+- status lines, streamed while the client waits for a switch. They form one block at the very start of the
+  answer's content (or reasoning) and end with `ready_line` or `failed_line`::
+
+      🔀 Switching to Llama 3.3 70B
+      ⏳ Waiting for 1 running answer on qwen-32b to finish, 4.0 s elapsed
+      ⏳ Loading Llama 3.3 70B: 12 s elapsed, timeout 600 s, ~45 s expected
+      ✅ Llama 3.3 70B ready in 47 s
+      <blank line, then the model's own text>
+
+- the speed footer, a paragraph of its own appended after the model's text: `\\n\\n⚡ 23.4 tok/s (512 tokens in 21.9s)`.
+
+Why this shape: clients store content and send it back on the next turn (Open-WebUI does), and the model must not
+see our text. `strip_annotations` removes exactly what these functions produce, and nothing the user or model
+wrote, by recognising each line's fixed emoji and phrasing, and only where the router puts it: status lines only
+as a block at the start of the text (or right after one of our footers, where a "continue" request appends), and
+footers only with their full format. A model answer that merely contains ⚡ or ✅ is left alone.
+"""
+
+from __future__ import annotations
+
+import re
+
+SWITCH_MARK = "🔀"
+WAIT_MARK = "⏳"
+READY_MARK = "✅"
+FAILED_MARK = "❌"
+FOOTER_MARK = "⚡"
+
+STATUS_MARKS = (SWITCH_MARK, WAIT_MARK, READY_MARK, FAILED_MARK)
+
+
+def format_seconds(seconds: float) -> str:
+    """Durations in status lines: one decimal below 10 s ("4.2"), whole seconds from there on ("47")."""
+    seconds = max(0.0, seconds)
+    if round(seconds, 1) < 10:
+        return f"{seconds:.1f}"
+    return f"{seconds:.0f}"
+
+
+def _one_line(text: str) -> str:
+    # A newline inside a model name or reason would split our line and break recognition; flatten it.
+    return " | ".join(part.strip() for part in text.splitlines() if part.strip()) or "?"
+
+
+def switching_line(model: str) -> str:
+    """First status line of a switch: `🔀 Switching to X`."""
+    return f"{SWITCH_MARK} Switching to {_one_line(model)}\n"
+
+
+def waiting_line(running: int, active_model: str, elapsed: float | None = None) -> str:
+    """The switch waits for answers still streaming from the active engine (the router never cuts one off)."""
+    plural = "" if running == 1 else "s"
+    line = f"{WAIT_MARK} Waiting for {running} running answer{plural} on {_one_line(active_model)} to finish"
+    if elapsed is not None:
+        line += f", {format_seconds(elapsed)} s elapsed"
+    return line + "\n"
+
+
+def loading_line(model: str, elapsed: float, timeout: float, expected: float | None = None) -> str:
+    """Progress while the engine loads; `expected` is the estimate from this model's previous load times."""
+    line = f"{WAIT_MARK} Loading {_one_line(model)}: {format_seconds(elapsed)} s elapsed"
+    line += f", timeout {format_seconds(timeout)} s"
+    if expected is not None:
+        line += f", ~{format_seconds(expected)} s expected"
+    return line + "\n"
+
+
+def ready_line(model: str, seconds: float) -> str:
+    """Last status line of a successful switch; the blank line separates it from the model's own text."""
+    return f"{READY_MARK} {_one_line(model)} ready in {format_seconds(seconds)} s\n\n"
+
+
+def failed_line(model: str, reason: str) -> str:
+    """Last status line of a failed switch (the in-band error event follows with the full details)."""
+    return f"{FAILED_MARK} Loading {_one_line(model)} failed: {_one_line(reason)}\n\n"
+
+
+def speed_footer(tokens: int, seconds: float, tokens_per_second: float) -> str:
+    """The text to append to an answer: `\\n\\n⚡ 23.4 tok/s (512 tokens in 21.9s)`, one decimal each."""
+    noun = "token" if tokens == 1 else "tokens"
+    return f"\n\n{FOOTER_MARK} {tokens_per_second:.1f} tok/s ({tokens} {noun} in {seconds:.1f}s)"
+
+
+# Recognition. Each pattern mirrors one builder above; a test round-trips every builder through strip_annotations.
+_NUM = r"\d+(?:\.\d)?"
+_TEXT = r"[^\r\n]+"
+_PROGRESS_LINE = (
+    rf"(?:{SWITCH_MARK} Switching to {_TEXT}"
+    rf"|{WAIT_MARK} Waiting for \d+ running answers? on {_TEXT} to finish(?:, {_NUM} s elapsed)?"
+    rf"|{WAIT_MARK} Loading {_TEXT}: {_NUM} s elapsed, timeout {_NUM} s(?:, ~{_NUM} s expected)?)"
+)
+_FINAL_LINE = rf"(?:{READY_MARK} {_TEXT} ready in {_NUM} s|{FAILED_MARK} Loading {_TEXT} failed: {_TEXT})"
+# A block is progress lines closed by a final line; an unclosed block counts only when it is the whole text (the
+# stream was cut during the switch). Requiring the closing line keeps a model's own "🔀 Switching to plan B" intact.
+# A client that trimmed the text may have dropped the final newlines, hence the optional endings at the end.
+_STATUS_BLOCK = re.compile(
+    rf"\A(?:{_PROGRESS_LINE}\n)*{_FINAL_LINE}(?:\n\n|\n?\Z)"
+    rf"|\A(?:{_PROGRESS_LINE}\n)*{_PROGRESS_LINE}\n?\Z"
+)
+_FOOTER = re.compile(rf"(?:\n\n|\A){FOOTER_MARK} \d+\.\d tok/s \(\d+ tokens? in \d+\.\d+s\)")
+
+
+def may_contain_annotations(text: str) -> bool:
+    """Cheap pre-check: False means `strip_annotations(text)` would return `text` unchanged."""
+    return text.startswith(STATUS_MARKS) or FOOTER_MARK in text
+
+
+def strip_annotations(text: str) -> str:
+    """Remove status blocks and speed footers the router injected; everything else stays byte-identical."""
+    if not may_contain_annotations(text):
+        return text
+    # Status blocks start the text or follow a footer (a "continue" request appends to an answer): split at
+    # footers, which removes them, then drop a status block at the start of each piece.
+    return "".join(_STATUS_BLOCK.sub("", piece, count=1) for piece in _FOOTER.split(text))
