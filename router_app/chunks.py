@@ -29,30 +29,34 @@ Open-WebUI, not kept in its history) or `delta.content`. Completions have only `
 
 CHUNK_OBJECT: dict[StreamKind, str] = {"chat": "chat.completion.chunk", "completion": "text_completion"}
 
-# Byte patterns that make an event worth parsing. Engines write compact JSON; the spaced variants cover any that
-# use Python's default separators. `"usage":null` and `"finish_reason":null` sit on every chunk and must not match.
-_INSPECT_PATTERNS = (
-    b'"finish_reason":"',
-    b'"finish_reason": "',
-    b'"usage":{',
-    b'"usage": {',
-    b'"timings"',
-    b'"error"',
-    b"[DONE]",
-)
-
 
 def needs_inspection(raw: bytes) -> bool:
     """True when an engine event must be parsed: it may carry finish_reason, usage, timings, an error, or [DONE].
 
-    Everything else (the bulk of a stream: one token per event) can be forwarded without parsing. False positives
-    only cost a parse (content that mentions `[DONE]`); there are no false negatives for the fields above.
+    Everything else (the bulk of a stream: one token per event) is forwarded without parsing. No false negatives
+    for those fields; false positives (a token that spells `"error"`) only cost a parse. Written for speed, about
+    2 µs on a slow core: each `in`/`find` is a full C scan of the event, so there are as few as possible.
     """
-    for pattern in _INSPECT_PATTERNS:
-        if pattern in raw:
+    if len(raw) < 40 and b"[DONE]" in raw:
+        return True
+    # Every chunk carries `"finish_reason":null` and some engines `"usage":null`: only a non-null value counts.
+    if _has_non_null(raw, b'"finish_reason"') or _has_non_null(raw, b'"usage"') or b'"timings"' in raw:
+        return True
+    if b"error" in raw:
+        # An error object (`{"error": ...}`, SGLang's `"object":"error"`) or llama-server's bare `error:` line.
+        return b'"error"' in raw or raw.startswith(b"error") or b"\nerror" in raw or b"\rerror" in raw
+    return False
+
+
+def _has_non_null(raw: bytes, key: bytes) -> bool:
+    # Inside a JSON string a quote is escaped (`\"usage\"`), so `"key"` only matches a real key.
+    at = raw.find(key)
+    while at >= 0:
+        after = at + len(key)
+        if not raw[after : after + 8].replace(b" ", b"").startswith(b":null"):
             return True
-    # llama-server's bare `error: {...}` line (a field named "error", so at the start of a line).
-    return raw.startswith(b"error") or b"\nerror" in raw or b"\rerror" in raw
+        at = raw.find(key, after)
+    return False
 
 
 class ChunkFactory:

@@ -74,6 +74,10 @@ SPACED_USAGE = b'data: {"choices": [], "usage": {"completion_tokens": 3}}\n\n'
         b'data: {"error":{"message":"x"}}\n\n',
         b'data: {"object":"error","message":"x"}\n\n',
         b'data: {"choices":[{"delta":{"content":"x"}}],"timings":{"predicted_n":1}}\n\n',
+        b'data: {"choices":[{"index":0,"finish_reason":null},{"index":1,"finish_reason":"stop"}]}\n\n',
+        b'data: {"choices":[{"finish_reason" :  "stop"}]}\n\n',
+        b'data: {"choices":[],"usage":\n{"completion_tokens":1}}\n\n',
+        b"data:[DONE]\r\n\r\n",
     ],
 )
 def test_needs_inspection_catches_every_event_that_matters(raw: bytes) -> None:
@@ -89,10 +93,18 @@ def test_needs_inspection_catches_every_event_that_matters(raw: bytes) -> None:
         b": keep-alive\n\n",
         b'data: {"choices":[{"delta":{"content":"an error occurred, \\"error\\" said"}}]}\n\n',
         b'data: {"choices":[{"delta":{"content":"usage: finish_reason"}}]}\n\n',
+        b'data: {"choices":[{"delta":{"content":"\\"usage\\": {\\"finish_reason\\":\\"x"}}]}\n\n',
+        b'data: {"choices":[{"delta":{"content":" error"},"finish_reason": null}],"usage": null}\n\n',
+        b'data: {"choices":[{"delta":{"content":"print(\'[DONE]\')"}}]}\n\n',  # long: not the DONE event
     ],
 )
 def test_needs_inspection_skips_plain_token_events(raw: bytes) -> None:
     assert not needs_inspection(raw)
+
+
+def test_needs_inspection_false_positive_only_costs_a_parse() -> None:
+    # A token that is exactly "error" looks like an error key; documented, harmless.
+    assert needs_inspection(b'data: {"choices":[{"delta":{"content":"error"}}]}\n\n')
 
 
 def parsed(raw: bytes) -> dict[str, Any]:
