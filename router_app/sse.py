@@ -183,6 +183,15 @@ class SSEDecoder:
         """Add bytes; return the events they complete, in order (often none, often one)."""
         if not data:
             return []
+        if (
+            not self._buf
+            and data.endswith(b"\n\n")
+            and data[0] != 0x0A
+            and data.find(b"\n\n") == len(data) - 2
+            and b"\r" not in data
+        ):
+            # The common case, one whole LF-terminated event per read: no buffering, no loop.
+            return [SSEEvent(data)]
         buf = self._buf + data if self._buf else data
         if b"\r" in buf:
             return self._split_any_line_end(buf)
