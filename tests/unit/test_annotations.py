@@ -141,6 +141,12 @@ def test_unclosed_status_lines_before_model_text_are_left_alone() -> None:
     assert strip_annotations(text) == text
 
 
+def test_ready_lookalike_followed_by_more_text_on_the_next_line_is_left_alone() -> None:
+    # Our ready line is always followed by a blank line; a model's checklist line is not.
+    text = "✅ Server ready in 5 s\nNext, open the port."
+    assert strip_annotations(text) == text
+
+
 def test_status_lines_in_the_middle_are_left_alone() -> None:
     text = "Intro\n" + switching_line("m") + ready_line("m", 3)
     assert strip_annotations(text) == text

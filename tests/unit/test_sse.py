@@ -105,6 +105,13 @@ def test_cr_path_then_lf_only_bytes_arrive() -> None:
     assert [e.raw for e in decoder.feed(b"\n")] == [b"data: b\r\n\n"]
 
 
+def test_cr_event_then_lf_only_remainder_completed_by_a_lone_lf() -> None:
+    decoder = SSEDecoder()
+    # The CR path dispatches the first event and leaves "data: b\n" (no CR left) at a line start.
+    assert [e.raw for e in decoder.feed(b"data: a\r\n\r\ndata: b\n")] == [b"data: a\r\n\r\n"]
+    assert [e.raw for e in decoder.feed(b"\n")] == [b"data: b\n\n"]
+
+
 def test_lone_cr_at_end_is_held_until_the_next_byte() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"data: a\r\r") == []
