@@ -1,0 +1,107 @@
+"""The HTTP layer: parse, authorise, pick the response type. Everything else lives in service/proxy/switcher."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException
+
+from router_app import errors
+from router_app.proxy import ProxyRequest, RequestKind, handle_model_request
+from router_app.service import RouterService
+
+log = logging.getLogger("llm_router.http")
+
+MODEL_ENDPOINTS: dict[str, RequestKind] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+}
+
+
+def error_response(error: errors.OpenAIError) -> Response:
+    return Response(error.body(), status=error.status, headers={"Content-Type": "application/json", **error.headers})
+
+
+def create_app(service: RouterService) -> Quart:
+    app = Quart("llm_router")
+    # Streams are long: Quart's 60 s response timeout would cut them silently (notes/streaming.md).
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = 120
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
+
+    @app.before_serving
+    async def startup() -> None:
+        await service.startup()
+
+    @app.after_serving
+    async def shutdown() -> None:
+        await service.shutdown()
+
+    @app.errorhandler(errors.OpenAIError)
+    async def openai_error(error: errors.OpenAIError) -> Response:
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        message = {404: f"no route {request.method} {request.path}", 405: f"method {request.method} not allowed"}
+        return error_response(
+            errors.OpenAIError(
+                status, message.get(status, error.description or error.name), errors.type_for_status(status)
+            )
+        )
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(errors.server_error(f"internal error: {type(error).__name__}"))
+
+    def require_key() -> None:
+        if not service.authorised(request.headers.get("Authorization")):
+            raise errors.authentication_failed()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        switcher = service.switcher
+        engines = {
+            model_id: {"unit": model.unit, "backend": model.backend, "status": switcher.model_status(model_id).value}
+            for model_id, model in service.config.models.items()
+        }
+        return {"status": "ok", **switcher.snapshot(), "models": engines}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        require_key()
+        return service.models_listing()
+
+    @app.get("/v1/models/<path:model_id>")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        require_key()
+        for entry in service.models_listing()["data"]:
+            if entry["id"] == model_id:
+                return dict(entry)
+        raise errors.model_not_found(model_id)
+
+    async def model_request() -> Response:
+        require_key()
+        raw = await request.get_data(cache=False, as_text=False)
+        assert isinstance(raw, bytes)
+        proxy_request = ProxyRequest(
+            path=request.path,
+            kind=MODEL_ENDPOINTS[request.path],
+            raw_body=raw,
+            headers=dict(request.headers),
+        )
+        result = await handle_model_request(service, proxy_request)
+        response = Response(result.body, status=result.status, headers=result.headers)
+        if result.streaming:
+            response.timeout = None
+        return response
+
+    for path in MODEL_ENDPOINTS:
+        app.add_url_rule(path, f"model_request_{path}", model_request, methods=["POST"])
+
+    return app

@@ -1,0 +1,514 @@
+"""Route one model request: admit it through the switcher, wait (with status chunks) if a switch is needed,
+then proxy the engine's answer (byte-for-byte where possible) with speed accounting and the footer.
+
+Framework-free: the HTTP layer hands in a ProxyRequest and sends back the ProxyResult.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from router_app import annotations as texts
+from router_app import errors
+from router_app.chunks import ChunkFactory, StatusChannel, needs_inspection, split_finish_chunk, without_usage
+from router_app.requests import ClientRequest, parse_request
+from router_app.service import RouterService
+from router_app.speed import SpeedMeter, speed_from_response
+from router_app.sse import DONE_EVENT, KEEPALIVE_EVENT, SSEDecoder, SSEEvent, encode_json_event
+from router_app.streams import UpstreamHead, open_upstream, ticks
+from router_app.switcher import Lease, Phase, QueueFull, SwitchFailed, Ticket, WaitInfo
+
+log = logging.getLogger("llm_router.proxy")
+
+RequestKind = Literal["chat", "completion", "embedding"]
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+JSON_HEADERS = {"Content-Type": "application/json"}
+UPSTREAM_PATHS: dict[RequestKind, str] = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    "embedding": "/v1/embeddings",
+}
+# Headers an engine may care about; everything hop-by-hop or about the client's auth with us stays behind.
+FORWARDED_HEADERS = ("accept-language", "user-agent", "x-request-id")
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    path: str
+    kind: RequestKind
+    raw_body: bytes
+    headers: Mapping[str, str]
+
+
+@dataclass
+class ProxyResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes | AsyncIterator[bytes]
+    streaming: bool = False
+
+
+def _error_result(error: errors.OpenAIError) -> ProxyResult:
+    return ProxyResult(error.status, {**JSON_HEADERS, **error.headers}, error.body())
+
+
+def _engine_error_result(status: int, body: bytes) -> ProxyResult:
+    return ProxyResult(status, dict(JSON_HEADERS), json.dumps(errors.normalise_engine_error(status, body)).encode())
+
+
+async def handle_model_request(service: RouterService, request: ProxyRequest) -> ProxyResult:
+    try:
+        parsed = parse_request(request.raw_body, request.kind, request.headers)
+    except errors.OpenAIError as error:
+        return _error_result(error)
+    config = service.config
+    if parsed.model not in config.models:
+        return _error_result(errors.model_not_found(parsed.model))
+    body = parsed.upstream_body()
+    try:
+        admission = service.switcher.request(parsed.model)
+    except QueueFull as exc:
+        return _error_result(errors.rate_limited(f"too many requests waiting for a model switch: {exc}", 5))
+    plan = _Plan.make(service, request, parsed)
+    if parsed.stream:
+        return await _stream(service, plan, body, admission)
+    return await _complete(service, plan, body, admission)
+
+
+@dataclass
+class _Plan:
+    """Per-request decisions, taken once."""
+
+    kind: RequestKind
+    model_id: str
+    model_name: str
+    annotate: bool
+    status_channel: StatusChannel | None
+    footer: bool
+    client_wants_usage: bool
+    keepalive_interval: float
+    progress_interval: float
+    forward_headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, service: RouterService, request: ProxyRequest, parsed: ClientRequest) -> _Plan:
+        config = service.config
+        model = config.models[parsed.model]
+        annotate = parsed.annotate
+        channel: StatusChannel | None = None
+        if annotate and config.status_channel in ("reasoning", "content"):
+            channel = "reasoning" if config.status_channel == "reasoning" else "content"
+        lowered = {k.lower(): v for k, v in request.headers.items()}
+        return cls(
+            kind=request.kind,
+            model_id=parsed.model,
+            model_name=model.name,
+            annotate=annotate,
+            status_channel=channel,
+            footer=annotate and config.speed_footer,
+            client_wants_usage=parsed.wants_usage,
+            keepalive_interval=config.keepalive_interval,
+            progress_interval=config.progress_interval,
+            forward_headers={
+                "content-type": "application/json",
+                **{k: lowered[k] for k in FORWARDED_HEADERS if k in lowered},
+            },
+        )
+
+
+# ----- non-streaming ---------------------------------------------------------------------------------------------
+
+
+async def _wait_for_lease(service: RouterService, admission: Lease | Ticket) -> Lease:
+    if isinstance(admission, Lease):
+        return admission
+    try:
+        return await asyncio.shield(admission.future)
+    except asyncio.CancelledError:
+        service.switcher.cancel(admission)
+        raise
+
+
+async def _complete(service: RouterService, plan: _Plan, body: bytes, admission: Lease | Ticket) -> ProxyResult:
+    try:
+        lease = await _wait_for_lease(service, admission)
+    except SwitchFailed as failure:
+        return _error_result(errors.service_unavailable(failure.describe(), code="model_load_failed"))
+    try:
+        url = lease.backend.url + UPSTREAM_PATHS[plan.kind]
+        started = time.monotonic()
+        try:
+            response = await service.client.post(url, content=body, headers=plan.forward_headers)
+        except httpx.HTTPError as exc:
+            service.switcher.report_engine_failure(plan.model_id)
+            return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}"))
+        wall = time.monotonic() - started
+        if response.status_code >= 400:
+            return _engine_error_result(response.status_code, response.content)
+        try:
+            data = response.json()
+        except ValueError:
+            return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} sent a body that is not JSON"))
+        headers = dict(JSON_HEADERS)
+        if plan.kind != "embedding" and isinstance(data, dict):
+            speed = speed_from_response(data, wall)
+            if speed is not None:
+                headers.update(speed.headers())
+                usage = data.get("usage")
+                if isinstance(usage, dict):
+                    data["usage"] = {**usage, **speed.usage_extras()}
+                if plan.footer and service.config.footer_non_streaming:
+                    data = _append_footer(data, speed.footer())
+        return ProxyResult(response.status_code, headers, json.dumps(data, ensure_ascii=False).encode())
+    finally:
+        lease.release()
+
+
+def _append_footer(data: dict[str, Any], footer: str) -> dict[str, Any]:
+    from router_app.chunks import append_footer
+
+    return append_footer(data, footer)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ----- streaming -------------------------------------------------------------------------------------------------
+
+
+class ManagedStream:
+    """The response body: delegates to a generator and runs `cleanup` however the response ends.
+
+    Quart closes the body with `aclose()`; a generator that never started would skip its own `finally` there, and a
+    lease that is never released would block every later switch. `cleanup` must be idempotent.
+    """
+
+    def __init__(self, inner: AsyncGenerator[bytes, None], cleanup: Callable[[], None]) -> None:
+        self._inner = inner
+        self._cleanup: Callable[[], None] | None = cleanup
+
+    def __aiter__(self) -> ManagedStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._run_cleanup()
+
+    def _run_cleanup(self) -> None:
+        cleanup, self._cleanup = self._cleanup, None
+        if cleanup is not None:
+            cleanup()
+
+    def __del__(self) -> None:
+        self._run_cleanup()
+
+
+async def _stream(service: RouterService, plan: _Plan, body: bytes, admission: Lease | Ticket) -> ProxyResult:
+    factory = ChunkFactory(plan.model_id, "chat" if plan.kind == "chat" else "completion")
+    holder: dict[str, Lease] = {}
+
+    def cleanup() -> None:
+        lease = holder.get("lease")
+        if lease is not None:
+            lease.release()
+        elif isinstance(admission, Ticket):
+            service.switcher.cancel(admission)
+
+    if isinstance(admission, Lease):
+        holder["lease"] = admission
+        upstream = open_upstream(
+            service.client, admission.backend.url + UPSTREAM_PATHS[plan.kind], body, plan.forward_headers
+        )
+        try:
+            head = await anext(upstream)
+        except httpx.HTTPError as exc:
+            cleanup()
+            service.switcher.report_engine_failure(plan.model_id)
+            return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}"))
+        except BaseException:
+            cleanup()
+            raise
+        assert isinstance(head, UpstreamHead)
+        if head.status >= 400:
+            try:
+                error_body = b"".join([part async for part in upstream if isinstance(part, bytes)])
+            finally:
+                await upstream.aclose()
+                cleanup()
+            return _engine_error_result(head.status, error_body)
+        relay = _relay(service, plan, factory, upstream)
+        return ProxyResult(200, dict(SSE_HEADERS), ManagedStream(relay, cleanup), streaming=True)
+
+    generator = _switch_then_relay(service, plan, factory, body, admission, holder)
+    return ProxyResult(200, dict(SSE_HEADERS), ManagedStream(generator, cleanup), streaming=True)
+
+
+def _status_line(plan: _Plan, info: WaitInfo, names: Mapping[str, str]) -> str:
+    if info.phase is Phase.DRAINING and info.active is not None:
+        return texts.waiting_line(info.in_flight, names.get(info.active, info.active))
+    if info.phase is Phase.QUEUED:
+        busy = info.active or "another model"
+        return texts.waiting_line(max(info.in_flight, 1), names.get(busy, busy))
+    elapsed = info.now - info.load_started if info.load_started is not None else 0.0
+    return texts.loading_line(plan.model_name, elapsed, info.timeout, info.estimate)
+
+
+async def _switch_then_relay(
+    service: RouterService,
+    plan: _Plan,
+    factory: ChunkFactory,
+    body: bytes,
+    ticket: Ticket,
+    holder: dict[str, Lease],
+) -> AsyncGenerator[bytes, None]:
+    """Headers are out: tell the client what happens while it waits, then relay the engine's answer."""
+    switcher = service.switcher
+    channel = plan.status_channel
+    names = {m.id: m.name for m in service.config.models.values()}
+    waited_from = time.monotonic()
+
+    def status(text: str) -> bytes:
+        assert channel is not None
+        return encode_json_event(factory.status(text, channel))
+
+    if channel is not None:
+        role = factory.role()
+        opening = encode_json_event(role) if role is not None else b""
+        yield opening + status(texts.switching_line(plan.model_name))
+    else:
+        yield KEEPALIVE_EVENT
+    last_text = ""
+    last_sent = time.monotonic()
+    while not ticket.future.done():
+        ticket.changed.clear()
+        changed: asyncio.Future[Any] = asyncio.ensure_future(ticket.changed.wait())
+        watched: set[asyncio.Future[Any]] = {changed, ticket.future}
+        try:
+            await asyncio.wait(
+                watched,
+                timeout=min(plan.progress_interval, plan.keepalive_interval),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            changed.cancel()
+        if ticket.future.done():
+            break
+        info = switcher.wait_info(ticket)
+        text = _status_line(plan, info, names)
+        now = time.monotonic()
+        # A new phase is shown at once; the same phase is repeated (with its new elapsed time) every interval.
+        same_phase = text.split(":")[0] == last_text.split(":")[0]
+        if channel is not None and (not same_phase or now - last_sent >= plan.progress_interval):
+            yield status(text)
+            last_text, last_sent = text, now
+        elif now - last_sent >= plan.keepalive_interval:
+            yield KEEPALIVE_EVENT
+            last_sent = now
+    try:
+        lease = ticket.future.result()
+    except SwitchFailed as failure:
+        ending = status(texts.failed_line(plan.model_name, failure.reason)) if channel is not None else b""
+        yield ending + _stream_error(errors.service_unavailable(failure.describe(), code="model_load_failed"))
+        return
+    holder["lease"] = lease
+    if channel is not None:
+        yield status(texts.ready_line(plan.model_name, time.monotonic() - waited_from))
+    upstream = open_upstream(service.client, lease.backend.url + UPSTREAM_PATHS[plan.kind], body, plan.forward_headers)
+    try:
+        head = await anext(upstream)
+    except httpx.HTTPError as exc:
+        service.switcher.report_engine_failure(plan.model_id)
+        yield _stream_error(errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}"))
+        return
+    assert isinstance(head, UpstreamHead)
+    if head.status >= 400:
+        try:
+            error_body = b"".join([part async for part in upstream if isinstance(part, bytes)])
+        finally:
+            await upstream.aclose()
+        yield encode_json_event(errors.normalise_engine_error(head.status, error_body)) + DONE_EVENT
+        return
+    async for piece in _relay(service, plan, factory, upstream):
+        yield piece
+
+
+def _stream_error(error: errors.OpenAIError) -> bytes:
+    return encode_json_event(error.envelope()) + DONE_EVENT
+
+
+async def _relay(
+    service: RouterService,
+    plan: _Plan,
+    factory: ChunkFactory,
+    upstream: AsyncGenerator[UpstreamHead | bytes, None],
+) -> AsyncGenerator[bytes, None]:
+    """Forward the engine's SSE stream; look into an event only when a cheap byte test says so."""
+    decoder = SSEDecoder()
+    relay = _RelayState(plan, factory)
+    try:
+        async for item in ticks(_bytes_only(upstream), plan.keepalive_interval):
+            if item is None:
+                yield KEEPALIVE_EVENT
+                continue
+            now = time.monotonic()
+            out = b"".join(relay.handle(event, now) for event in decoder.feed(item))
+            if out:
+                yield out
+            if relay.finished:
+                return
+        leftover = decoder.flush()
+        if leftover is not None and leftover.complete:
+            out = relay.handle(leftover, time.monotonic())
+            if out:
+                yield out
+            if relay.finished:
+                return
+        tail = relay.flush_held()
+        if tail:
+            yield tail
+        if relay.saw_finish or relay.saw_error:
+            # The answer (or the engine's error) was complete but the engine omitted [DONE]: end properly.
+            yield DONE_EVENT
+            return
+        reason = "the engine closed the stream before the answer was complete"
+    except httpx.HTTPError as exc:
+        reason = f"the engine connection failed mid-answer: {_describe(exc)}"
+    finally:
+        await upstream.aclose()
+    log.warning("model %s: %s", plan.model_id, reason)
+    service.switcher.report_engine_failure(plan.model_id)
+    yield relay.flush_held() + _stream_error(
+        errors.bad_gateway(f"model {plan.model_id!r}: {reason}", code="engine_failed")
+    )
+
+
+async def _bytes_only(upstream: AsyncGenerator[UpstreamHead | bytes, None]) -> AsyncGenerator[bytes, None]:
+    async for item in upstream:
+        if isinstance(item, bytes):
+            yield item
+
+
+class _RelayState:
+    """Per-stream relay decisions. The finish chunk waits for the speed figures (SGLang sends usage after it) so
+    the footer can go before it; every other event passes through untouched unless it must be reshaped."""
+
+    def __init__(self, plan: _Plan, factory: ChunkFactory) -> None:
+        self.plan = plan
+        self.factory = factory
+        self.meter = SpeedMeter()
+        self.held: list[dict[str, Any]] = []
+        self.saw_finish = False
+        self.saw_error = False
+        self.finished = False
+        self.footer_sent = False
+
+    def handle(self, event: SSEEvent, now: float) -> bytes:
+        raw = event.raw
+        if not needs_inspection(raw):
+            self.meter.observe_event(raw, now)
+            if not self.factory.adopted and event.data:
+                self._adopt(event.data)
+            return raw
+        if event.error is not None and event.data is None:
+            # llama-server's bare `error: {...}` line: rewrite into an in-band error event.
+            self.saw_error = True
+            self.finished = True
+            envelope = errors.normalise_engine_error(500, event.error.encode())
+            return self.flush_held() + encode_json_event(envelope) + DONE_EVENT
+        if event.is_done:
+            self.finished = True
+            return self.flush_held() + raw
+        data = event.data
+        if data is None:
+            return raw
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return raw
+        if not isinstance(chunk, dict):
+            return raw
+        if "error" in chunk and not chunk.get("choices"):
+            self.saw_error = True
+            envelope = errors.normalise_engine_error(500, data.encode())
+            return self.flush_held() + encode_json_event(envelope)
+        self.meter.observe_event(raw, now)
+        self.meter.observe_chunk(chunk)
+        if not self.factory.adopted:
+            self.factory.adopt(chunk)
+        out = b""
+        if _has_finish(chunk):
+            self.saw_finish = True
+            if self.plan.footer:
+                head, tail = split_finish_chunk(chunk)
+                if head is not None:
+                    out += encode_json_event(head)
+                self.held.append(tail)
+                if self.meter.result() is not None and _engine_figures(chunk):
+                    out += self.flush_held()
+                return out
+            return out + self._client_view(chunk, raw)
+        if self.held:
+            # The usage-only chunk after the finish chunk: the figures are complete now.
+            self.held.append(chunk)
+            return self.flush_held()
+        return self._client_view(chunk, raw)
+
+    def _adopt(self, data: str) -> None:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(chunk, dict):
+            self.factory.adopt(chunk)
+
+    def _client_view(self, chunk: dict[str, Any], raw: bytes) -> bytes:
+        if chunk.get("usage") is None or self.plan.client_wants_usage:
+            return raw
+        reshaped = without_usage(chunk)
+        return b"" if reshaped is None else encode_json_event(reshaped)
+
+    def flush_held(self) -> bytes:
+        if not self.held:
+            return b""
+        out = b""
+        if self.plan.footer and not self.footer_sent:
+            speed = self.meter.result()
+            if speed is not None:
+                out += encode_json_event(self.factory.content(speed.footer()))
+                self.footer_sent = True
+        for chunk in self.held:
+            out += self._client_view(chunk, encode_json_event(chunk))
+        self.held = []
+        return out
+
+
+def _has_finish(chunk: Mapping[str, Any]) -> bool:
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, Mapping) and c.get("finish_reason") is not None for c in choices
+    )
+
+
+def _engine_figures(chunk: Mapping[str, Any]) -> bool:
+    """The finish chunk itself carries the final figures (llama-server timings, TabbyAPI usage)."""
+    usage = chunk.get("usage")
+    return isinstance(chunk.get("timings"), Mapping) or (isinstance(usage, Mapping) and bool(usage))

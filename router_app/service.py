@@ -1,0 +1,87 @@
+"""The router's long-lived parts, without any web framework: config, switcher, upstream HTTP client, reload."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from router_app.config import ConfigError, RouterConfig, load_config
+from router_app.engines import HttpEngineProbe
+from router_app.switcher import Switcher
+from router_app.units import Systemctl
+
+log = logging.getLogger("llm_router")
+
+# Model traffic: no read timeout (prefill and long answers), a bounded connect; keep-alive shorter than
+# llama-server's own ~5 s so we never reuse a socket the engine is closing (notes/streaming.md).
+UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
+UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=32, keepalive_expiry=3.0)
+
+
+class RouterService:
+    def __init__(self, config: RouterConfig, config_dir: Path | None = None) -> None:
+        self.config = config
+        self.config_dir = config_dir
+        self.client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS, trust_env=False)
+        self.services = Systemctl(config.systemctl, config.journalctl)
+        self.switcher = Switcher(config, self.services, HttpEngineProbe(self.client))
+        self.started = int(time.time())
+
+    def models_listing(self) -> dict[str, Any]:
+        """OpenAI's model list plus `name` and llama.cpp-router style `status`; from memory, never from an engine."""
+        data = [
+            {
+                "id": model.id,
+                "object": "model",
+                "created": self.started,
+                "owned_by": model.backend,
+                "name": model.name,
+                "status": {"value": self.switcher.model_status(model.id).value},
+            }
+            for model in self.config.models.values()
+        ]
+        return {"object": "list", "data": data}
+
+    async def startup(self) -> None:
+        try:
+            await self.switcher.adopt_running_unit()
+        except Exception as exc:  # the router must come up even when systemd cannot be asked
+            log.error("could not ask systemd which engine runs: %s", exc)
+
+    async def shutdown(self) -> None:
+        await self.switcher.close()
+        await self.client.aclose()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read both files; a config that fails validation is refused and the old one kept."""
+        if self.config_dir is None:
+            return
+        try:
+            new = load_config(self.config_dir)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration:\n%s", exc)
+            return
+        if (new.listen_host, new.listen_port) != (self.config.listen_host, self.config.listen_port):
+            log.warning("listen address changes take effect on restart, not on reload")
+        self.config = new
+        self.services.systemctl = new.systemctl
+        self.services.journalctl = new.journalctl
+        self.switcher.update_config(new)
+        log.info("configuration reloaded: %d model(s)", len(new.models))
+
+    def authorised(self, authorization: str | None) -> bool:
+        keys = self.config.api_keys
+        if not keys:
+            return True
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        presented = token.strip().encode()
+        # Compare against every key, constant time each, so timing does not reveal which key nearly matched.
+        matches = [hmac.compare_digest(presented, key.encode()) for key in keys]
+        return any(matches)
