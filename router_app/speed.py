@@ -2,6 +2,7 @@
 
 Sources, best first:
 1. llama-server `timings` (`predicted_n`, `predicted_ms`, `predicted_per_second`): the engine's own decode timing.
+   Its rate is (predicted_n - 1) / predicted_ms (measured, docs/benchmarks.md): the same N-1 reasoning as below.
 2. TabbyAPI `usage.completion_tokens_per_sec` (with `completion_tokens`, `completion_time`).
 3. Exact `usage.completion_tokens` with the router's clock (SGLang gives no speed):
    - streaming: N tokens over the time from the first to the last event that carried text. The first token's
@@ -136,7 +137,10 @@ def _engine_speed(timings: Mapping[str, Any] | None, usage: Mapping[str, Any] | 
         ms = _number(timings, "predicted_ms")
         if tokens is not None and tokens > 0 and ms is not None and ms > 0:
             rate = _number(timings, "predicted_per_second")
-            return Speed(tokens, ms / 1000, rate if rate and rate > 0 else tokens * 1000 / ms, LLAMACPP_TIMINGS)
+            if rate is None or rate <= 0:
+                # Same convention as llama-server's own figure: predicted_ms spans the decoding of n-1 tokens.
+                rate = (tokens - 1 if tokens > 1 else 1) * 1000 / ms
+            return Speed(tokens, ms / 1000, rate, LLAMACPP_TIMINGS)
     if usage is not None:
         rate = _number(usage, "completion_tokens_per_sec")
         tokens = _count(usage, "completion_tokens")

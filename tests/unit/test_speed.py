@@ -68,8 +68,30 @@ def test_llama_server_timings_win() -> None:
 
 def test_llama_timings_without_rate_are_computed() -> None:
     meter = SpeedMeter()
-    meter.observe_chunk({"timings": {"predicted_n": 100, "predicted_ms": 4000}})
-    assert meter.result() == Speed(100, 4.0, 25.0, LLAMACPP_TIMINGS)
+    meter.observe_chunk({"timings": {"predicted_n": 101, "predicted_ms": 4000}})
+    assert meter.result() == Speed(101, 4.0, 25.0, LLAMACPP_TIMINGS)  # llama-server's own (n-1) convention
+    meter.observe_chunk({"timings": {"predicted_n": 1, "predicted_ms": 50}})
+    assert meter.result() == Speed(1, 0.05, 20.0, LLAMACPP_TIMINGS)
+
+
+# Copied from a real llama-server stream (docs/benchmarks.md): finish chunk, then usage + timings, then [DONE].
+REAL_LLAMA_TAIL = (
+    b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"created":1795565047,"id":"chatcmpl-uzHj",'
+    b'"model":"gemma-3-270m-q4","system_fingerprint":"b0-unknown","object":"chat.completion.chunk"}\n\n'
+    b'data: {"choices":[],"created":1795565047,"id":"chatcmpl-uzHj","model":"gemma-3-270m-q4",'
+    b'"system_fingerprint":"b0-unknown","object":"chat.completion.chunk","usage":{"completion_tokens":32,'
+    b'"prompt_tokens":29,"total_tokens":61,"prompt_tokens_details":{"cached_tokens":0}},"timings":{"cache_n":0,'
+    b'"prompt_n":29,"prompt_ms":247.53,"prompt_per_token_ms":8.53551724137931,"prompt_per_second":117.15751626065527,'
+    b'"predicted_n":32,"predicted_ms":667.193,"predicted_per_token_ms":21.522354838709678,'
+    b'"predicted_per_second":46.46331721106186}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def test_real_llama_server_tail() -> None:
+    speed = run_stream([(0.0, token_event("a")), (0.6, token_event("b")), (0.7, REAL_LLAMA_TAIL)])
+    assert speed == Speed(32, 0.667193, 46.46331721106186, LLAMACPP_TIMINGS)
+    assert speed.footer() == "\n\n⚡ 46.5 tok/s (32 tokens in 0.7s)"
 
 
 def test_latest_timings_win_over_per_token_timings() -> None:
