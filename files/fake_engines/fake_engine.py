@@ -29,11 +29,11 @@ import socket
 import sys
 import threading
 import time
-import uuid
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # imported lazily at run time: the port is bound before http.server is imported
-    from http.server import ThreadingHTTPServer
+TYPE_CHECKING = False  # typing is not imported at run time: start-up time matters (the port opens sooner)
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer  # imported lazily at run time, after the port is bound
+    from typing import Any
 
 KINDS = ("llamacpp", "sglang", "tabbyapi")
 DEFAULT_PORTS = {"llamacpp": 8080, "sglang": 30000, "tabbyapi": 5000}
@@ -448,7 +448,7 @@ class Shapes:
         self.plan = plan
         self.include_usage = include_usage
         self.created = int(time.time())
-        hexid = uuid.uuid4().hex
+        hexid = os.urandom(16).hex()
         prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
         self.id = hexid if self.kind == "sglang" else prefix + hexid
         self.object = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
