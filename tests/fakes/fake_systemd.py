@@ -17,6 +17,7 @@ Semantics (as far as a router can observe them):
 - start: Type=exec, returns once the process has been exec'd; the process runs in its own session and process
   group, detached, supervised by a small double-forked python process that records how it ended:
   exit 0 -> inactive, otherwise failed (Result=exit-code or signal).  Already active: no-op.
+  The supervisor shows in `ps` as `fake_systemd.py --state-dir DIR --supervise UNIT MAINPID INVOCATION`.
 - stop: KillMode=control-group on the process group: SIGTERM (+SIGCONT), wait until every process is gone,
   SIGKILL after stop_timeout; returns once they are gone.  A failed unit is reset to inactive.
 - is-active / is-failed / show / reset-failed / restart / kill / status / daemon-reload like systemctl.
@@ -39,6 +40,7 @@ from typing import Any
 UNIT_SUFFIXES = (".service", ".socket", ".target", ".timer", ".mount", ".path", ".slice", ".scope", ".swap",
                  ".automount", ".device")
 DEFAULT_STOP_TIMEOUT = 10.0
+SELF = os.path.abspath(__file__)
 ACTIVE_STATES = ("active", "activating", "reloading")
 SUBSTATES = {"active": "running", "activating": "start", "reloading": "reload", "deactivating": "stop-sigterm",
              "inactive": "dead", "failed": "failed"}
@@ -254,6 +256,17 @@ def supervise(unit: Unit, invocation: str, report_fd: int) -> None:
         os._exit(0)
     os.write(report_fd, f"ok {proc.pid} {os.getpid()}\n".encode())
     os.close(report_fd)
+    os.close(journal_fd)
+    # Re-exec (same pid, the unit's process stays our child) so that `ps` shows a supervisor, not a
+    # `systemctl start` that looks stuck.  Falls back to waiting right here.
+    with contextlib.suppress(OSError):
+        os.execv(sys.executable, [sys.executable, "-I", SELF, "--state-dir", unit.state_dir, "--supervise",
+                                  unit.key, str(proc.pid), invocation])
+    wait_and_record(unit, proc.pid, invocation)
+
+
+def wait_and_record(unit: Unit, main_pid: int, invocation: str) -> None:
+    """Wait for the unit's main process, clean up its process group, record how it ended. Never returns."""
     become_subreaper()  # like systemd, adopt and reap the unit's orphans (this host's init reaps slowly)
     status = 0
     while True:
@@ -261,15 +274,15 @@ def supervise(unit: Unit, invocation: str, report_fd: int) -> None:
             pid, status = os.waitpid(-1, 0)
         except ChildProcessError:
             break
-        if pid == proc.pid:
+        if pid == main_pid:
             break
     rc = os.waitstatus_to_exitcode(status)
     # KillMode=control-group: whatever is left in the group goes when the main process ends
-    if group_alive(proc.pid):
-        signal_group(proc.pid, signal.SIGTERM)
-        if not wait_group_gone(proc.pid, unit.stop_timeout, reap=True):
-            signal_group(proc.pid, signal.SIGKILL)
-            wait_group_gone(proc.pid, 5, reap=True)
+    if group_alive(main_pid):
+        signal_group(main_pid, signal.SIGTERM)
+        if not wait_group_gone(main_pid, unit.stop_timeout, reap=True):
+            signal_group(main_pid, signal.SIGKILL)
+            wait_group_gone(main_pid, 5, reap=True)
     code, status = (1, rc) if rc >= 0 else (2, -rc)
     with unit.lock():
         st = unit.read_state()
@@ -646,20 +659,23 @@ def main(argv: list[str] | None = None) -> int:
             state_dir = a.split("=", 1)[1]
             i += 1
             continue
-        if not rest and a in ("systemctl", "journalctl"):
-            mode = a
+        if not rest and a in ("systemctl", "journalctl", "--supervise"):
+            mode = a.lstrip("-")
             i += 1
             rest = args[i:]
             break
         rest.append(a)
         i += 1
-    if mode not in ("systemctl", "journalctl"):
+    if mode not in ("systemctl", "journalctl", "supervise"):
         err("usage: fake_systemd.py --state-dir DIR {systemctl|journalctl} ARGS...")
         return 2
     if not state_dir:
         err("fake_systemd: no state dir (--state-dir DIR or $FAKE_SYSTEMD_STATE_DIR)")
         return 2
     ensure_dirs(state_dir)
+    if mode == "supervise":  # internal: the detached supervisor after its re-exec
+        key, main_pid, invocation = rest[:3]
+        wait_and_record(Unit(state_dir, key), int(main_pid), invocation)
     try:
         if mode == "systemctl":
             return systemctl(state_dir, rest)
