@@ -1,0 +1,186 @@
+"""The API surface: model list, health, non-streaming answers, completions, embeddings, annotations, reload."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import yaml
+
+from tests.e2e.conftest import DEFAULT_MODELS, ModelSpec, RouterEnv
+
+FOOTER = re.compile(r"\n\n⚡ \d+\.\d tok/s \(\d+ tokens? in \d+\.\ds\)$")
+
+
+def test_models_list_reports_status_from_memory(router: RouterEnv) -> None:
+    with router.client() as client:
+        listing = client.get("/v1/models").json()
+        assert listing["object"] == "list"
+        entries = {m["id"]: m for m in listing["data"]}
+        assert set(entries) == {m.id for m in DEFAULT_MODELS}
+        assert entries["llama-a"]["name"] == "Llama A"
+        assert entries["sg"]["owned_by"] == "sglang"
+        assert all(e["status"] == {"value": "unloaded"} for e in entries.values())
+        assert all({"id", "object", "created", "owned_by"} <= e.keys() for e in entries.values())
+        assert router.stream_chat("sg", "[[tokens:2]]").done
+        entries = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert entries["sg"]["status"] == {"value": "loaded"}
+        health = client.get("/health").json()
+    assert health["active_model"] == "sg" and health["active_unit"] == "llm-backend-sg.service"
+    assert health["models"]["sg"]["status"] == "loaded"
+
+
+def test_models_list_answers_while_a_model_loads(router: RouterEnv) -> None:
+    import threading
+
+    thread = threading.Thread(target=router.stream_chat, args=("sleepy",))
+    thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    entries = {m["id"]: m for m in httpx.get(router.base + "/v1/models").json()["data"]}
+    assert time.monotonic() - started < 0.5
+    assert entries["sleepy"]["status"] == {"value": "loading"}
+    thread.join(10)
+
+
+def test_non_streaming_chat_carries_speed_in_headers_and_usage_without_footer(router: RouterEnv) -> None:
+    with router.client() as client:
+        response = client.post(
+            "/v1/chat/completions", json={"model": "llama-a", "messages": [{"role": "user", "content": "[[tokens:6]]"}]}
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    content = body["choices"][0]["message"]["content"]
+    assert "⚡" not in content, "non-streaming answers get no text footer by default (Open-WebUI tasks parse JSON)"
+    assert float(response.headers["x-llm-router-tokens-per-second"]) > 0
+    assert response.headers["x-llm-router-completion-tokens"] == "6"
+    assert response.headers["x-llm-router-speed-source"] == "llamacpp-timings"
+    assert body["usage"]["completion_tokens"] == 6 and body["usage"]["response_token/s"] > 0
+
+
+def test_non_streaming_footer_when_configured(router_factory) -> None:  # type: ignore[no-untyped-def]
+    router: RouterEnv = router_factory(footer_non_streaming=True)
+    with router.client() as client:
+        body = client.post(
+            "/v1/chat/completions", json={"model": "tabby", "messages": [{"role": "user", "content": "[[tokens:4]]"}]}
+        ).json()
+    assert FOOTER.search(body["choices"][0]["message"]["content"])
+
+
+def test_completions_stream_and_embeddings_are_routed(router: RouterEnv) -> None:
+    with router.client() as client:
+        with client.stream(
+            "POST", "/v1/completions", json={"model": "sg", "prompt": "once [[tokens:4]]", "stream": True}
+        ) as response:
+            from tests.e2e.conftest import StreamResult
+
+            result = StreamResult.read(response)
+        embedding = client.post("/v1/embeddings", json={"model": "llama-b", "input": "hello"})
+    assert result.done and not result.errors
+    assert all(c["object"] == "text_completion" for c in result.chunks)
+    assert result.text().startswith("🔀 Switching to sg"), "completions get status in their only channel: text"
+    assert FOOTER.search(result.text())
+    assert router.events("sg", "request")[-1]["path"] == "/v1/completions"
+    assert embedding.status_code == 200, embedding.text
+    vector = embedding.json()["data"][0]["embedding"]
+    assert len(vector) == 8 and all(isinstance(v, float) for v in vector)
+    assert router.events("llama-b", "request")[-1]["path"] == "/v1/embeddings"
+
+
+def test_no_text_injected_for_tools_response_format_or_opt_out(router: RouterEnv) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    cases = [
+        {"tools": tools},
+        {"response_format": {"type": "json_object"}},
+        {"headers": {"X-LLM-Router-Annotate": "off"}},
+    ]
+    for i, extra in enumerate(cases):
+        model = ["llama-a", "llama-b", "sg"][i]  # each one needs a switch
+        headers = extra.pop("headers", None)
+        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "[[tokens:3]]"}], **extra}
+        with router.client() as client, client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+            from tests.e2e.conftest import StreamResult
+
+            result = StreamResult.read(r)
+        assert result.done and not result.errors
+        assert result.text() == "tok1 tok2 tok3", (extra, result.text())
+        assert not result.text("reasoning_content")
+
+
+def test_injected_text_is_removed_from_history_before_the_engine_sees_it(router: RouterEnv) -> None:
+    first = router.stream_chat("llama-a", "question one [[tokens:3]]")
+    answer = first.text()
+    status = first.text("reasoning_content")
+    assert "⚡" in answer
+    messages = [
+        {"role": "user", "content": "question one"},
+        {"role": "assistant", "content": answer, "reasoning_content": status},
+        {"role": "user", "content": "question two ⚡ keeps my emoji [[tokens:2]]"},
+    ]
+    with router.client() as client:
+        client.post("/v1/chat/completions", json={"model": "llama-a", "messages": messages})
+    seen = router.events("llama-a", "request")[-1]["body"]["messages"]
+    assert seen[1]["content"] == "tok1 tok2 tok3"
+    assert "reasoning_content" not in seen[1] or not seen[1]["reasoning_content"]
+    assert seen[2]["content"] == messages[2]["content"]
+
+
+def test_status_in_content_channel(router_factory) -> None:  # type: ignore[no-untyped-def]
+    router: RouterEnv = router_factory(status_channel="content")
+    result = router.stream_chat("llama-a", "[[tokens:2]]")
+    text = result.text()
+    assert text.startswith("🔀 Switching to Llama A\n")
+    assert "tok1 tok2" in text and FOOTER.search(text)
+
+
+def test_sighup_reload_good_and_bad(router: RouterEnv) -> None:
+    assert router.stream_chat("llama-a", "[[tokens:2]]").done
+    models = yaml.safe_load((router.config_dir / "models.yml").read_text())
+    models["models"]["llama-a"]["name"] = "Llama A renamed"
+    del models["models"]["llama-b"]
+    router.write_config(router.config, models)
+    router.reload()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        entries = {m["id"]: m for m in httpx.get(router.base + "/v1/models").json()["data"]}
+        if "llama-b" not in entries:
+            break
+        time.sleep(0.05)
+    assert "llama-b" not in entries and entries["llama-a"]["name"] == "Llama A renamed"
+    assert entries["llama-a"]["status"] == {"value": "loaded"}, "a reload keeps the running engine"
+    # a broken models.yml is refused and the running config kept
+    (router.config_dir / "models.yml").write_text("models:\n  x: {backend: nope, unit: u.service}\n")
+    router.reload()
+    time.sleep(0.5)
+    entries = {m["id"]: m for m in httpx.get(router.base + "/v1/models").json()["data"]}
+    assert "llama-a" in entries and "x" not in entries
+    assert "reload refused" in router.log() and "models.x.backend" in router.log()
+    assert router.stream_chat("llama-a", "[[tokens:2]]").done
+
+
+def test_router_restart_adopts_the_running_engine(router_factory) -> None:  # type: ignore[no-untyped-def]
+    router: RouterEnv = router_factory()
+    assert router.stream_chat("sg", "[[tokens:2]]").done
+    router.process.terminate()  # type: ignore[union-attr]
+    router.process.wait(15)  # type: ignore[union-attr]
+    assert router.is_active("sg") == "active", "stopping the router leaves the engine running"
+    router.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        entries = {m["id"]: m for m in httpx.get(router.base + "/v1/models").json()["data"]}
+        if entries["sg"]["status"] == {"value": "loaded"}:
+            break
+        time.sleep(0.05)
+    assert entries["sg"]["status"] == {"value": "loaded"}
+    result = router.stream_chat("sg", "[[tokens:2]]")
+    assert not result.text("reasoning_content"), "no switch needed after adoption"
+    assert len(router.events("sg", "start")) == 1
+
+
+def test_stream_longer_than_sixty_seconds_with_silence_gets_keepalives(router_factory) -> None:  # type: ignore[no-untyped-def]
+    router: RouterEnv = router_factory(models=[ModelSpec("llama-a", "llamacpp", env={"FAKE_PING_INTERVAL": "600"})])
+    result = router.stream_chat("llama-a", "[[silence:62]] [[tokens:3]]")
+    assert result.done and not result.errors, result.raw[-500:]
+    assert "tok1 tok2 tok3" in result.text()
+    assert result.comments >= 10, "keep-alive comments during the engine's silence"
