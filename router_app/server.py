@@ -33,6 +33,8 @@ def hypercorn_config(config: RouterConfig) -> HypercornConfig:
 
 def serve(config_dir: Path) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # One line per engine health poll would drown the switch log; the switcher logs what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = load_config(config_dir)
     except ConfigError as exc:
