@@ -442,10 +442,11 @@ def report(
         platform.processor(),
     )
     machine = f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+    load = f"load average at start {args.load_start}, at end {Path('/proc/loadavg').read_text().split()[0]}"
     out = [
         f"### Switch benchmark: {target.name} ({now})",
         "",
-        f"Machine: {machine}. Target: {target.description}. Models: {', '.join(target.units)} "
+        f"Machine: {machine} ({load}). Target: {target.description}. Models: {', '.join(target.units)} "
         f"(Gemma 3 270M Q4_K_M / Q8_0 on llama-server `-c 2048 -t 2 -np 1`). "
         f"{args.switches} alternating switches; streamed, max_tokens={args.max_tokens}, greedy, ignore_eos. "
         f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`.",
@@ -505,6 +506,7 @@ def main() -> int:
         p.add_argument("--max-tokens", type=int, default=128)
         p.add_argument("--out", help="append the markdown table to this file")
     args = parser.parse_args()
+    args.load_start = Path("/proc/loadavg").read_text().split()[0]
     table = run(args)
     print(table)
     if args.out:
