@@ -22,7 +22,7 @@ Two targets:
   box:  the demo box (`make demo`: the router deployed by the role inside a systemd-nspawn box, engine units
         llm-backend-<id>.service, systemctl through `scripts/box exec BOX -- systemctl`):
             .venv/bin/python bench/switch_bench.py box [--box llmr-demo] [--router-url http://127.0.0.1:8002/v1]
-                [--engine-url http://127.0.0.1:18485] [--models gemma-3-270m-q4,gemma-3-270m-q8]
+                [--engine-url http://127.0.0.1:18480] [--models gemma-3-270m-q4,gemma-3-270m-q8]
 
 Common options: --switches 10 --rounds 5 --max-tokens 128 --out docs/benchmarks.md (append the table).
 """
@@ -174,8 +174,10 @@ class Target:
     name: str
     router_url: str  # .../v1
     engine_url: str  # http://host:port of whichever llama-server runs (all models share the llamacpp port)
-    systemctl: list[str]
+    systemctl: list[str]  # argv prefix, run from here
     units: dict[str, str]  # model id -> unit
+    exec_prefix: list[str] = field(default_factory=list)  # runs a command where systemctl lives (box: scripts/box exec)
+    inner_systemctl: list[str] = field(default_factory=list)  # systemctl's argv there
     description: str = ""
     cleanup: list[Any] = field(default_factory=list)
 
@@ -291,6 +293,7 @@ def host_target(args: argparse.Namespace, client: httpx.Client) -> Target:
         f"http://127.0.0.1:{args.engine_port}",
         systemctl,
         units,
+        inner_systemctl=systemctl,
         description="host loopback, router run by hand, fake_systemd stand-in",
     )
 
@@ -319,7 +322,8 @@ def host_target(args: argparse.Namespace, client: httpx.Client) -> Target:
 
 
 def box_target(args: argparse.Namespace, client: httpx.Client) -> Target:
-    systemctl = [str(REPO / "scripts" / "box"), "exec", args.box, "--", "systemctl"]
+    exec_prefix = [str(REPO / "scripts" / "box"), "exec", args.box, "--"]
+    systemctl = [*exec_prefix, "systemctl"]
     wait_router(client, args.router_url, None, timeout=10)
     listed = client.get(f"{args.router_url}/models", timeout=10).json()["data"]
     ids = args.models.split(",") if args.models else [m["id"] for m in listed if m.get("owned_by") == "llamacpp"][:2]
@@ -332,6 +336,8 @@ def box_target(args: argparse.Namespace, client: httpx.Client) -> Target:
         args.engine_url,
         systemctl,
         units,
+        exec_prefix=exec_prefix,
+        inner_systemctl=["systemctl"],
         description=f"demo box {args.box}, router deployed by the role, real systemd",
     )
 
@@ -345,17 +351,27 @@ def ensure_loaded_via_router(client: httpx.Client, target: Target, model: str) -
 
 
 def direct_switch(client: httpx.Client, target: Target, src: str, dst: str, max_tokens: int) -> dict[str, float]:
-    t0 = time.perf_counter()
-    target.ctl("stop", target.units[src])
-    t_stopped = time.perf_counter()
-    target.ctl("start", target.units[dst])
-    t_ready = wait_health(client, target.engine_url)
+    """stop src + start dst, timed where systemctl runs (so `scripts/box exec`'s own start-up is not counted: the
+    router runs systemctl inside the box too), then /health polled from here; one wall clock (same kernel)."""
+    ctl = shlex.join(target.inner_systemctl)
+    script = (
+        f"date +%s.%N; {ctl} stop {shlex.quote(target.units[src])} >&2; date +%s.%N; "
+        f"{ctl} start {shlex.quote(target.units[dst])} >&2; date +%s.%N"
+    )
+    proc = subprocess.run([*target.exec_prefix, "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    stamps = [float(x) for x in proc.stdout.split()]
+    if proc.returncode != 0 or len(stamps) != 3:
+        raise RuntimeError(f"direct switch {src} -> {dst} failed: rc={proc.returncode} {proc.stdout} {proc.stderr}")
+    t0, t_stopped, t_started = stamps
+    wall = time.time() - time.perf_counter()  # perf_counter -> wall clock
+    t_ready = wait_health(client, target.engine_url) + wall
     res = stream_chat(client, target.engine_url + "/v1", dst, max_tokens)
     return {
         "stop": t_stopped - t0,
+        "start": t_started - t_stopped,
         "start_to_ready": t_ready - t_stopped,
         "ttft": res.ttft,
-        "total": res.t_first_token - t0,  # type: ignore[operator]
+        "total": res.t_first_token + wall - t0,  # type: ignore[operator]
     }
 
 
@@ -498,7 +514,7 @@ def main() -> int:
     box = sub.add_parser("box", help="the demo box deployed by the role")
     box.add_argument("--box", default=os.environ.get("LLM_ROUTER_DEMO_BOX", "llmr-demo"))
     box.add_argument("--router-url", default=os.environ.get("LLM_ROUTER_URL", "http://127.0.0.1:8002/v1"))
-    box.add_argument("--engine-url", default=os.environ.get("LLM_ROUTER_ENGINE_URL", "http://127.0.0.1:18485"))
+    box.add_argument("--engine-url", default=os.environ.get("LLM_ROUTER_ENGINE_URL", "http://127.0.0.1:18480"))
     box.add_argument("--models", help="two model ids, comma-separated (default: the first two llamacpp models)")
     for p in (host, box):
         p.add_argument("--switches", type=int, default=10)
