@@ -1,0 +1,52 @@
+# The two commands a newcomer needs: `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: venv lint test test-unit test-e2e test-molecule test-real demo demo-down bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check router_app
+	$(BIN)/mypy
+	$(BIN)/ansible-lint --profile production -q roles playbooks molecule
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
+
+test-e2e: venv
+	$(BIN)/pytest -q tests/e2e
+
+# The role in a systemd-nspawn box with real systemd (needs root).
+test-molecule: venv
+	$(BIN)/molecule test -s default
+
+# A real llama-server through the role-deployed router in the demo box (brought up when it is not running).
+test-real: venv
+	LLM_ROUTER_TEST_DEMO_UP=1 $(BIN)/pytest -q tests/real_engine
+
+demo: venv
+	scripts/demo up
+
+demo-down:
+	scripts/demo down
+
+bench: venv
+	$(BIN)/python bench/switch_bench.py
+
+# The whole suite, what .ci/run calls. The last pytest run covers unit, end-to-end and real-engine tests.
+test: lint test-molecule
+	LLM_ROUTER_TEST_DEMO_UP=1 $(BIN)/pytest -q tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
