@@ -122,7 +122,7 @@ class _Checker:
         # bool is an int in Python: a YAML `true` must not pass as a number, nor 1 as a boolean.
         wrong_bool = isinstance(value, bool) and bool not in types
         if not isinstance(value, types) or wrong_bool:
-            names = " or ".join(_type_name(t) for t in types)
+            names = "a number" if set(types) == {int, float} else " or ".join(_type_name(t) for t in types)
             self.problem(f"{prefix}{key}", f"must be {names}, got {_type_name(type(value))} {value!r}")
             return default
         if check is not None:
