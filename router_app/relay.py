@@ -1,0 +1,125 @@
+"""Relay decisions for an engine's SSE stream (sans-IO: fed decoded events, returns the bytes to send)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from router_app import errors
+from router_app.chunks import ChunkFactory, needs_inspection, split_finish_chunk, without_usage
+from router_app.speed import SpeedMeter
+from router_app.sse import DONE_EVENT, SSEEvent, encode_json_event
+
+
+class StreamRelay:
+    """Per-stream relay decisions for one engine SSE stream, event by event.
+
+    Every event passes through untouched unless it must be reshaped: the usage the router forced on is hidden from a
+    client that did not ask for it, llama-server's bare `error:` line becomes an error event, and the footer goes in
+    before the `finish_reason` chunk. That chunk waits for the speed figures when they come after it (llama-server
+    chat and SGLang send usage in a separate last chunk).
+    """
+
+    def __init__(self, factory: ChunkFactory, *, footer: bool, client_wants_usage: bool) -> None:
+        self.footer = footer
+        self.client_wants_usage = client_wants_usage
+        self.factory = factory
+        self.meter = SpeedMeter()
+        self.held: list[dict[str, Any]] = []
+        self.saw_finish = False
+        self.saw_error = False
+        self.finished = False
+        self.footer_sent = False
+
+    def handle(self, event: SSEEvent, now: float) -> bytes:
+        raw = event.raw
+        if not needs_inspection(raw):
+            self.meter.observe_event(raw, now)
+            if not self.factory.adopted and event.data:
+                self._adopt(event.data)
+            return raw
+        if event.error is not None and event.data is None:
+            # llama-server's bare `error: {...}` line: rewrite into an in-band error event.
+            self.saw_error = True
+            self.finished = True
+            envelope = errors.normalise_engine_error(500, event.error.encode())
+            return self.flush_held() + encode_json_event(envelope) + DONE_EVENT
+        if event.is_done:
+            self.finished = True
+            return self.flush_held() + raw
+        data = event.data
+        if data is None:
+            return raw
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return raw
+        if not isinstance(chunk, dict):
+            return raw
+        if ("error" in chunk or chunk.get("object") == "error") and not chunk.get("choices"):
+            self.saw_error = True
+            envelope = errors.normalise_engine_error(500, data.encode())
+            return self.flush_held() + encode_json_event(envelope)
+        self.meter.observe_event(raw, now)
+        self.meter.observe_chunk(chunk)
+        if not self.factory.adopted:
+            self.factory.adopt(chunk)
+        out = b""
+        if _has_finish(chunk):
+            self.saw_finish = True
+            if self.footer:
+                head, tail = split_finish_chunk(chunk)
+                if head is not None:
+                    out += encode_json_event(head)
+                self.held.append(tail)
+                if self.meter.result() is not None and _engine_figures(chunk):
+                    out += self.flush_held()
+                return out
+            return out + self._client_view(chunk, raw)
+        if self.held:
+            # The usage-only chunk after the finish chunk: the figures are complete now.
+            self.held.append(chunk)
+            return self.flush_held()
+        return self._client_view(chunk, raw)
+
+    def _adopt(self, data: str) -> None:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(chunk, dict):
+            self.factory.adopt(chunk)
+
+    def _client_view(self, chunk: dict[str, Any], raw: bytes) -> bytes:
+        if chunk.get("usage") is None or self.client_wants_usage:
+            return raw
+        reshaped = without_usage(chunk)
+        return b"" if reshaped is None else encode_json_event(reshaped)
+
+    def flush_held(self) -> bytes:
+        if not self.held:
+            return b""
+        out = b""
+        if self.footer and not self.footer_sent:
+            speed = self.meter.result()
+            if speed is not None:
+                out += encode_json_event(self.factory.content(speed.footer()))
+                self.footer_sent = True
+        for chunk in self.held:
+            out += self._client_view(chunk, encode_json_event(chunk))
+        self.held = []
+        return out
+
+
+def _has_finish(chunk: Mapping[str, Any]) -> bool:
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, Mapping) and c.get("finish_reason") is not None for c in choices
+    )
+
+
+def _engine_figures(chunk: Mapping[str, Any]) -> bool:
+    """The finish chunk itself carries the final figures (llama-server timings, TabbyAPI usage)."""
+    usage = chunk.get("usage")
+    return isinstance(chunk.get("timings"), Mapping) or (isinstance(usage, Mapping) and bool(usage))
