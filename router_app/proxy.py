@@ -22,7 +22,7 @@ from router_app.chunks import ChunkFactory, StatusChannel
 from router_app.relay import StreamRelay
 from router_app.requests import ClientRequest, parse_request
 from router_app.service import RouterService
-from router_app.speed import speed_from_response
+from router_app.speed import HEADER_TOKENS_PER_SECOND, speed_from_response
 from router_app.sse import DONE_EVENT, KEEPALIVE_EVENT, SSEDecoder, encode_json_event
 from router_app.streams import UpstreamHead, open_upstream, ticks
 from router_app.switcher import Lease, Phase, QueueFull, SwitchFailed, Ticket, WaitInfo
@@ -172,6 +172,14 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
                     data["usage"] = {**usage, **speed.usage_extras()}
                 if plan.footer and service.config.footer_non_streaming:
                     data = _append_footer(data, speed.footer())
+        log.info(
+            "%s request for %s: HTTP %d in %.2f s%s",
+            plan.kind,
+            plan.model_id,
+            response.status_code,
+            wall,
+            f", {headers.get(HEADER_TOKENS_PER_SECOND)} tok/s" if HEADER_TOKENS_PER_SECOND in headers else "",
+        )
         return ProxyResult(response.status_code, headers, json.dumps(data, ensure_ascii=False).encode())
     finally:
         lease.release()
@@ -352,6 +360,13 @@ async def _switch_then_relay(
         yield piece
 
 
+def _log_stream(plan: _Plan, relay: StreamRelay) -> None:
+    speed = relay.meter.result()
+    outcome = "error" if relay.saw_error else "complete" if relay.saw_finish else "cut short"
+    figures = f", {speed.tokens} tokens at {speed.tokens_per_second:.1f} tok/s" if speed else ""
+    log.info("%s stream for %s: %s%s", plan.kind, plan.model_id, outcome, figures)
+
+
 def _stream_error(error: errors.OpenAIError) -> bytes:
     return encode_json_event(error.envelope()) + DONE_EVENT
 
@@ -395,6 +410,7 @@ async def _relay(
         reason = f"the engine connection failed mid-answer: {_describe(exc)}"
     finally:
         await upstream.aclose()
+        _log_stream(plan, relay)
     log.warning("model %s: %s", plan.model_id, reason)
     service.switcher.report_engine_failure(plan.model_id)
     yield relay.flush_held() + _stream_error(
