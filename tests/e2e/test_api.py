@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 import httpx
 import yaml
@@ -184,3 +185,22 @@ def test_stream_longer_than_sixty_seconds_with_silence_gets_keepalives(router_fa
     assert result.done and not result.errors, result.raw[-500:]
     assert "tok1 tok2 tok3" in result.text()
     assert result.comments >= 10, "keep-alive comments during the engine's silence"
+
+
+def test_sigterm_lets_running_streams_finish(router: RouterEnv) -> None:
+    import threading
+
+    assert router.stream_chat("llama-a", "[[tokens:2]]").done
+    results: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: results.append(router.stream_chat("llama-a", "[[tokens:20]] [[delay:0.1]]"))
+    )
+    thread.start()
+    time.sleep(0.5)
+    assert router.process is not None
+    router.process.terminate()
+    thread.join(30)
+    (result,) = results
+    assert result.done and not result.errors, result.raw[-300:]
+    assert "tok20" in result.text()
+    assert router.process.wait(15) == 0
