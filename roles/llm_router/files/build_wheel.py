@@ -24,8 +24,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 TOP_LEVEL_FILES = ("pyproject.toml", "setup.py", "setup.cfg", "MANIFEST.in")
 TOP_LEVEL_PREFIXES = ("README", "LICENSE", "LICENCE", "COPYING", "NOTICE")
@@ -95,8 +96,19 @@ def build(source: Path, files: list[Path], out_dir: Path, python: str, build_arg
             os.utime(dest, (int(SOURCE_DATE_EPOCH), int(SOURCE_DATE_EPOCH)))
         wheel_dir = Path(tmp) / "wheel"
         env = dict(os.environ, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH, PYTHONHASHSEED="0")
-        cmd = [python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
-               "--wheel-dir", str(wheel_dir), *build_args, str(copy)]
+        cmd = [
+            python,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--wheel-dir",
+            str(wheel_dir),
+            *build_args,
+            str(copy),
+        ]
         proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -114,9 +126,12 @@ def build(source: Path, files: list[Path], out_dir: Path, python: str, build_arg
 
 def prune(cache: Path, keep: Path) -> None:
     """Keep the newest few builds (other checkouts may still want theirs), drop the rest."""
-    builds = sorted((d for d in cache.iterdir() if d.is_dir() and d != keep and not d.name.endswith(".tmp")),
-                    key=lambda d: d.stat().st_mtime, reverse=True)
-    for old in builds[KEEP_BUILDS - 1:]:
+    builds = sorted(
+        (d for d in cache.iterdir() if d.is_dir() and d != keep and not d.name.endswith(".tmp")),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
+    for old in builds[KEEP_BUILDS - 1 :]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -148,8 +163,7 @@ def main() -> int:
             wheel = build(source, files, out_dir, args.python, args.build_arg)
             built = True
         prune(cache, out_dir)
-    json.dump({"wheel": str(wheel), "sha256": sha256_file(wheel), "source_hash": shash, "built": built},
-              sys.stdout)
+    json.dump({"wheel": str(wheel), "sha256": sha256_file(wheel), "source_hash": shash, "built": built}, sys.stdout)
     print()
     return 0
 
