@@ -149,23 +149,37 @@ def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
-def _read_yaml(path: Path, problems: list[str]) -> Any:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys silently: a model listed twice would vanish. Refuse it instead."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path, name: str, problems: list[str]) -> Any:
+    """Parse one file; `name` is what messages call it (Ansible's `validate:` hands over a temporary copy)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        problems.append(f"{path.name}: cannot read {path}: file not found")
+        problems.append(f"{name}: cannot read {path}: file not found")
         return None
     except OSError as exc:
-        problems.append(f"{path.name}: cannot read {path}: {exc.strerror}")
+        problems.append(f"{name}: cannot read {path}: {exc.strerror}")
         return None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problems.append(f"{path.name}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}")
+        problems.append(f"{name}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}")
         return None
 
 
@@ -349,8 +363,8 @@ def load_config_files(config_file: Path, models_file: Path | None) -> RouterConf
     models.yml, which is then checked against the config.yml that just landed.
     """
     problems: list[str] = []
-    config_data = _read_yaml(config_file, problems)
-    models_data = _read_yaml(models_file, problems) if models_file is not None else None
+    config_data = _read_yaml(config_file, CONFIG_FILE, problems)
+    models_data = _read_yaml(models_file, MODELS_FILE, problems) if models_file is not None else None
     if problems:
         raise ConfigError(problems)
     config = parse_config(config_data, models_data, problems, check_models=models_file is not None)

@@ -199,3 +199,11 @@ def test_config_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyP
     good = write(tmp_path / "env", GOOD_CONFIG, GOOD_MODELS)
     monkeypatch.setenv("LLM_ROUTER_CONFIG_DIR", str(good))
     assert main(["check-config"]) == 0
+
+
+def test_duplicate_model_id_is_refused_with_its_line(tmp_path: Path) -> None:
+    models = "models:\n  a: {backend: llamacpp, unit: a.service}\n  a: {backend: sglang, unit: b.service}\n"
+    directory = write(tmp_path / "dup", GOOD_CONFIG, models)
+    with pytest.raises(ConfigError) as error:
+        load_config(directory)
+    assert str(error.value) == "models.yml: invalid YAML at line 3, column 3: duplicate key 'a'"
