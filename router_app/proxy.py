@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -152,6 +152,11 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
         started = time.monotonic()
         try:
             response = await service.client.post(url, content=body, headers=plan.forward_headers)
+        except httpx.ConnectError as exc:
+            lease.release()
+            if await service.switcher.engine_lost(plan.model_id):
+                return await _readmit(service, plan, body, _complete)
+            return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}"))
         except httpx.HTTPError as exc:
             service.switcher.report_engine_failure(plan.model_id)
             return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}"))
@@ -163,6 +168,8 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
         except ValueError:
             return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} sent a body that is not JSON"))
         headers = dict(JSON_HEADERS)
+        if isinstance(data, dict) and "model" in data:
+            data["model"] = plan.model_id  # the id the client asked for, not the engine's path or alias
         if plan.kind != "embedding" and isinstance(data, dict):
             speed = speed_from_response(data, wall)
             if speed is not None:
@@ -183,6 +190,24 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
         return ProxyResult(response.status_code, headers, json.dumps(data, ensure_ascii=False).encode())
     finally:
         lease.release()
+
+
+async def _readmit(
+    service: RouterService,
+    plan: _Plan,
+    body: bytes,
+    handler: Callable[[RouterService, _Plan, bytes, Lease | Ticket], Awaitable[ProxyResult]],
+) -> ProxyResult:
+    """The loaded engine vanished (stopped outside the router) before answering: load it again like any switch."""
+    log.warning("engine of %s refused the connection and its unit is gone: loading it again", plan.model_id)
+    try:
+        admission = service.switcher.request(plan.model_id)
+    except QueueFull as exc:
+        return _error_result(errors.rate_limited(f"too many requests waiting for a model switch: {exc}", 5))
+    if isinstance(admission, Lease):
+        admission.release()
+        return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} refused the connection"))
+    return await handler(service, plan, body, admission)
 
 
 def _append_footer(data: dict[str, Any], footer: str) -> dict[str, Any]:
@@ -249,6 +274,11 @@ async def _stream(service: RouterService, plan: _Plan, body: bytes, admission: L
         )
         try:
             head = await anext(upstream)
+        except httpx.ConnectError as exc:
+            cleanup()
+            if await service.switcher.engine_lost(plan.model_id):
+                return await _readmit(service, plan, body, _stream)
+            return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}"))
         except httpx.HTTPError as exc:
             cleanup()
             service.switcher.report_engine_failure(plan.model_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,8 @@ from router_app import errors
 from router_app.chunks import ChunkFactory, needs_inspection, split_finish_chunk, without_usage
 from router_app.speed import SpeedMeter
 from router_app.sse import DONE_EVENT, SSEEvent, encode_json_event
+
+_MODEL_FIELD = re.compile(rb'"model": ?"(?:[^"\\]|\\.)*"')
 
 
 class StreamRelay:
@@ -31,14 +34,20 @@ class StreamRelay:
         self.saw_error = False
         self.finished = False
         self.footer_sent = False
+        # Engines name the model their own way (a path, an alias); clients see the id they asked for. The engine's
+        # exact `"model":"..."` bytes are learnt from its first chunk and replaced in every event (a bytes.replace,
+        # no parse): JSON strings escape quotes, so the pattern cannot occur inside generated text.
+        self.model = factory.model
+        self._our_model = b'"model":' + json.dumps(self.model, ensure_ascii=False).encode()
+        self._engine_model: bytes | None = None
 
     def handle(self, event: SSEEvent, now: float) -> bytes:
         raw = event.raw
         if not needs_inspection(raw):
             self.meter.observe_event(raw, now)
             if not self.factory.adopted and event.data:
-                self._adopt(event.data)
-            return raw
+                self._adopt(event.data, raw)
+            return self._rename(raw)
         if event.error is not None and event.data is None:
             # llama-server's bare `error: {...}` line: rewrite into an in-band error event.
             self.saw_error = True
@@ -64,7 +73,9 @@ class StreamRelay:
         self.meter.observe_event(raw, now)
         self.meter.observe_chunk(chunk)
         if not self.factory.adopted:
-            self.factory.adopt(chunk)
+            self._adopt_chunk(chunk, raw)
+        if "model" in chunk:
+            chunk["model"] = self.model
         out = b""
         if _has_finish(chunk):
             self.saw_finish = True
@@ -83,17 +94,30 @@ class StreamRelay:
             return self.flush_held()
         return self._client_view(chunk, raw)
 
-    def _adopt(self, data: str) -> None:
+    def _adopt(self, data: str, raw: bytes) -> None:
         try:
             chunk = json.loads(data)
         except ValueError:
             return
         if isinstance(chunk, dict):
-            self.factory.adopt(chunk)
+            self._adopt_chunk(chunk, raw)
+
+    def _adopt_chunk(self, chunk: Mapping[str, Any], raw: bytes) -> None:
+        self.factory.adopt(chunk)
+        self.factory.model = self.model
+        found = _MODEL_FIELD.search(raw)
+        if found is not None and found.group(0) != self._our_model:
+            self._engine_model = found.group(0)
+
+    def _rename(self, raw: bytes) -> bytes:
+        engine_model = self._engine_model
+        if engine_model is None or engine_model not in raw:
+            return raw
+        return raw.replace(engine_model, self._our_model)
 
     def _client_view(self, chunk: dict[str, Any], raw: bytes) -> bytes:
         if chunk.get("usage") is None or self.client_wants_usage:
-            return raw
+            return self._rename(raw)
         reshaped = without_usage(chunk)
         return b"" if reshaped is None else encode_json_event(reshaped)
 

@@ -199,6 +199,13 @@ class Switcher:
         if self.active_model == model_id and self.load is None:
             asyncio.get_running_loop().create_task(self._check_active_unit(model_id))
 
+    async def engine_lost(self, model_id: str) -> bool:
+        """A connection to the loaded engine was refused before any answer. True when the model is no longer
+        ready (its unit stopped behind the router's back, or state moved on): a new request then loads it again."""
+        if self._is_ready(model_id):
+            await self._check_active_unit(model_id)
+        return not self._is_ready(model_id)
+
     async def _check_active_unit(self, model_id: str) -> None:
         unit = self.active_unit
         if unit is None:

@@ -124,3 +124,20 @@ def test_api_keys_are_required_when_configured(router_factory) -> None:  # type:
     assert missing.json()["error"]["type"] == "authentication_error"
     assert right.status_code == 200 and health.status_code == 200
     assert "sk-one" not in router.log() and "sk-two" not in router.log()
+
+
+def test_engine_stopped_behind_the_routers_back_is_loaded_again(router: RouterEnv) -> None:
+    assert router.stream_chat("llama-a", "[[tokens:2]]").done
+    router.systemd.systemctl("stop", "llm-backend-llama-a.service", check=True)
+    result = router.stream_chat("llama-a", "[[tokens:3]]")
+    assert result.done and not result.errors, result.raw
+    assert "tok1 tok2 tok3" in result.text()
+    assert "✅ Llama A ready in" in result.text("reasoning_content")
+    router.systemd.systemctl("stop", "llm-backend-llama-a.service", check=True)
+    with router.client() as client:
+        response = client.post(
+            "/v1/chat/completions", json={"model": "llama-a", "messages": [{"role": "user", "content": "[[tokens:2]]"}]}
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "llama-a"
+    assert len(router.events("llama-a", "start")) == 3

@@ -164,3 +164,22 @@ def test_completions_footer_goes_into_text() -> None:
     texts = [e["choices"][0]["text"] for e in events if isinstance(e, dict) and e["choices"]]
     assert texts[1].startswith("\n\n⚡ 40.0 tok/s") and events[1]["object"] == "text_completion"
     assert "usage" not in events[2]
+
+
+def test_engine_model_name_is_replaced_by_the_requested_id_in_every_event() -> None:
+    def named(chunk: dict[str, Any]) -> dict[str, Any]:
+        return {**chunk, "model": "/models/Llama-3.3-70B.gguf"}
+
+    stream = [
+        event(named(chat_chunk("a"))),
+        event(named(chat_chunk(' "model":"x" b'))),
+        event(named(chat_chunk(None, "stop"))),
+        event({**named(chat_chunk()), "choices": [], "usage": USAGE, "timings": TIMINGS}),
+        b"data: [DONE]\n\n",
+    ]
+    relay = StreamRelay(ChunkFactory("llama-70b"), footer=True, client_wants_usage=True)
+    decoder = SSEDecoder()
+    out = b"".join(relay.handle(ev, 0.0) for raw in stream for ev in decoder.feed(raw))
+    events = [e for e in parse(out) if isinstance(e, dict)]
+    assert {e["model"] for e in events} == {"llama-70b"}
+    assert content_of(events).startswith('a "model":"x" b'), "generated text is never rewritten"
