@@ -110,11 +110,6 @@ def test_switch_across_engine_kinds(client: httpx.Client, box: Any, backend: str
             assert is_active(box, unit) == "inactive", f"{unit} still runs after the switch to {target}"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="router forwards the engine's own `model` value (alias, path, folder name) in upstream chunks, "
-    "while its injected chunks carry the requested id: one stream, two model names",
-)
 def test_every_chunk_names_the_requested_model(client: httpx.Client) -> None:
     for backend in ("llamacpp", "sglang", "tabbyapi"):
         targets = models_of(backend)

@@ -112,16 +112,9 @@ def _bad_models_yml(box: Any, kind: str) -> tuple[str, str]:
     raise AssertionError(kind)
 
 
-_DUPLICATE_XFAIL = pytest.mark.xfail(
-    strict=False,
-    reason="router_app/config.py reads models.yml with yaml.safe_load, which keeps the last of two equal keys: "
-    "`llm-router check-config` accepts a duplicated model id",
-)
-
-
 @pytest.mark.parametrize(
     "kind",
-    [pytest.param("duplicate-id", marks=_DUPLICATE_XFAIL), "unknown-backend", "bad-id-characters"],
+    ["duplicate-id", "unknown-backend", "bad-id-characters"],
 )
 def test_router_checker_refuses_a_bad_models_yml(kind: str, box: Any) -> None:
     """What the role's `validate:` runs on models.yml (llm-router check-config), on a broken file in the box."""
