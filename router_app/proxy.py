@@ -156,10 +156,10 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
             lease.release()
             if await service.switcher.engine_lost(plan.model_id):
                 return await _readmit(service, plan, body, _complete)
-            return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}"))
+            return _error_result(_unreachable(plan, exc))
         except httpx.HTTPError as exc:
             service.switcher.report_engine_failure(plan.model_id)
-            return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}"))
+            return _error_result(_unreachable(plan, exc))
         wall = time.monotonic() - started
         if response.status_code >= 400:
             return _engine_error_result(response.status_code, response.content)
@@ -214,6 +214,18 @@ def _append_footer(data: dict[str, Any], footer: str) -> dict[str, Any]:
     from router_app.chunks import append_footer
 
     return append_footer(data, footer)
+
+
+async def _read_error_body(upstream: AsyncGenerator[UpstreamHead | bytes, None]) -> bytes:
+    """The rest of an engine's error response; the upstream is closed either way."""
+    try:
+        return b"".join([part async for part in upstream if isinstance(part, bytes)])
+    finally:
+        await upstream.aclose()
+
+
+def _unreachable(plan: _Plan, exc: BaseException) -> errors.OpenAIError:
+    return errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}")
 
 
 def _describe(exc: BaseException) -> str:
@@ -278,20 +290,19 @@ async def _stream(service: RouterService, plan: _Plan, body: bytes, admission: L
             cleanup()
             if await service.switcher.engine_lost(plan.model_id):
                 return await _readmit(service, plan, body, _stream)
-            return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}"))
+            return _error_result(_unreachable(plan, exc))
         except httpx.HTTPError as exc:
             cleanup()
             service.switcher.report_engine_failure(plan.model_id)
-            return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}"))
+            return _error_result(_unreachable(plan, exc))
         except BaseException:
             cleanup()
             raise
         assert isinstance(head, UpstreamHead)
         if head.status >= 400:
             try:
-                error_body = b"".join([part async for part in upstream if isinstance(part, bytes)])
+                error_body = await _read_error_body(upstream)
             finally:
-                await upstream.aclose()
                 cleanup()
             return _engine_error_result(head.status, error_body)
         relay = _relay(service, plan, factory, upstream)
@@ -376,14 +387,11 @@ async def _switch_then_relay(
         head = await anext(upstream)
     except httpx.HTTPError as exc:
         service.switcher.report_engine_failure(plan.model_id)
-        yield _stream_error(errors.bad_gateway(f"engine for {plan.model_id!r} did not answer: {_describe(exc)}"))
+        yield _stream_error(_unreachable(plan, exc))
         return
     assert isinstance(head, UpstreamHead)
     if head.status >= 400:
-        try:
-            error_body = b"".join([part async for part in upstream if isinstance(part, bytes)])
-        finally:
-            await upstream.aclose()
+        error_body = await _read_error_body(upstream)
         yield encode_json_event(errors.normalise_engine_error(head.status, error_body)) + DONE_EVENT
         return
     async for piece in _relay(service, plan, factory, upstream):
