@@ -196,7 +196,7 @@ class Target:
                 fn()
 
 
-def llama_argv(server: str, model_path: str, model_id: str, port: int) -> list[str]:
+def llama_argv(server: str, model_path: str, model_id: str, port: int, threads: int = 2) -> list[str]:
     # Same flags the demo inventory gives the role (inventory/local): small context, 2 threads, one slot.
     return [
         server,
@@ -213,7 +213,7 @@ def llama_argv(server: str, model_path: str, model_id: str, port: int) -> list[s
         "-ngl",
         "0",
         "-t",
-        "2",
+        str(threads),
         "-np",
         "1",
     ]
@@ -263,7 +263,11 @@ def host_target(args: argparse.Namespace, client: httpx.Client) -> Target:
         units[model_id] = unit
         (state / "units" / f"{unit}.json").write_text(
             json.dumps(
-                {"argv": llama_argv(str(server), str(path), model_id, args.engine_port), "env": {}, "cwd": str(work)}
+                {
+                    "argv": llama_argv(str(server), str(path), model_id, args.engine_port, args.threads),
+                    "env": {},
+                    "cwd": str(work),
+                }
             )
         )
     (conf / "config.yml").write_text(
@@ -463,7 +467,7 @@ def report(
         f"### Switch benchmark: {target.name} ({now})",
         "",
         f"Machine: {machine} ({load}). Target: {target.description}. Models: {', '.join(target.units)} "
-        f"(Gemma 3 270M Q4_K_M / Q8_0 on llama-server `-c 2048 -t 2 -np 1`). "
+        f"(Gemma 3 270M Q4_K_M / Q8_0 on llama-server `-c 2048 -t {getattr(args, 'threads', 2)} -np 1`). "
         f"{args.switches} alternating switches; streamed, max_tokens={args.max_tokens}, greedy, ignore_eos. "
         f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`.",
         "",
@@ -519,6 +523,7 @@ def main() -> int:
     host.add_argument("--engine-dir", default=str(DEFAULT_ENGINE_DIR))
     host.add_argument("--router-port", type=int, default=18402)
     host.add_argument("--engine-port", type=int, default=18485)
+    host.add_argument("--threads", type=int, default=2, help="llama-server -t (the demo uses 2)")
     host.add_argument("--keep", action="store_true", help="keep the temporary state/config dir (router.log)")
     box = sub.add_parser("box", help="the demo box deployed by the role")
     box.add_argument("--box", default=os.environ.get("LLM_ROUTER_DEMO_BOX", "llmr-demo"))
