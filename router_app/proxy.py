@@ -151,7 +151,7 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
         url = lease.backend.url + UPSTREAM_PATHS[plan.kind]
         started = time.monotonic()
         try:
-            response = await service.client.post(url, content=body, headers=plan.forward_headers)
+            response = await _post_once_more_if_dropped(service.client, url, body, plan.forward_headers)
         except httpx.ConnectError as exc:
             lease.release()
             if await service.switcher.engine_lost(plan.model_id):
@@ -190,6 +190,17 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
         return ProxyResult(response.status_code, headers, json.dumps(data, ensure_ascii=False).encode())
     finally:
         lease.release()
+
+
+async def _post_once_more_if_dropped(
+    client: httpx.AsyncClient, url: str, body: bytes, headers: Mapping[str, str]
+) -> httpx.Response:
+    # llama-server may close a kept-alive connection just as a request goes out on it ("Server disconnected without
+    # sending a response"): nothing was answered, so sending it again is safe. Once.
+    try:
+        return await client.post(url, content=body, headers=headers)
+    except httpx.RemoteProtocolError:
+        return await client.post(url, content=body, headers=headers)
 
 
 async def _readmit(
