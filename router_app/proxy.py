@@ -102,6 +102,8 @@ class _Plan:
     keepalive_interval: float
     progress_interval: float
     forward_headers: dict[str, str] = field(default_factory=dict)
+    readmitted: bool = False
+    """Already loaded once more after its engine vanished: a second loss is an error, not another reload."""
 
     @classmethod
     def make(cls, service: RouterService, request: ProxyRequest, parsed: ClientRequest) -> _Plan:
@@ -154,7 +156,7 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
             response = await _post_once_more_if_dropped(service.client, url, body, plan.forward_headers)
         except httpx.ConnectError as exc:
             lease.release()
-            if await service.switcher.engine_lost(plan.model_id):
+            if not plan.readmitted and await service.switcher.engine_lost(plan.model_id):
                 return await _readmit(service, plan, body, _complete)
             return _error_result(_unreachable(plan, exc))
         except httpx.HTTPError as exc:
@@ -211,6 +213,7 @@ async def _readmit(
 ) -> ProxyResult:
     """The loaded engine vanished (stopped outside the router) before answering: load it again like any switch."""
     log.warning("engine of %s refused the connection and its unit is gone: loading it again", plan.model_id)
+    plan.readmitted = True
     try:
         admission = service.switcher.request(plan.model_id)
     except QueueFull as exc:
@@ -299,7 +302,7 @@ async def _stream(service: RouterService, plan: _Plan, body: bytes, admission: L
             head = await anext(upstream)
         except httpx.ConnectError as exc:
             cleanup()
-            if await service.switcher.engine_lost(plan.model_id):
+            if not plan.readmitted and await service.switcher.engine_lost(plan.model_id):
                 return await _readmit(service, plan, body, _stream)
             return _error_result(_unreachable(plan, exc))
         except httpx.HTTPError as exc:

@@ -141,3 +141,15 @@ def test_engine_stopped_behind_the_routers_back_is_loaded_again(router: RouterEn
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "llama-a"
     assert len(router.events("llama-a", "start")) == 3
+
+
+def test_non_streaming_engine_crash_is_a_502_not_a_reload_loop(router: RouterEnv) -> None:
+    assert router.stream_chat("llama-a", "[[tokens:2]]").done
+    with router.client() as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": "llama-a", "messages": [{"role": "user", "content": "[[tokens:9]] [[crash-after:3]]"}]},
+        )
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["message"]
+    assert len(router.events("llama-a", "start")) <= 2
