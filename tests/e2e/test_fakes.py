@@ -64,8 +64,9 @@ def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 
         time.sleep(interval)
 
 
-def request(port: int, method: str, path: str, body: Any = None,
-            timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+def request(
+    port: int, method: str, path: str, body: Any = None, timeout: float = 10
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
@@ -103,19 +104,22 @@ def sse_events(raw: bytes) -> list[tuple[str, Any]]:
         if text.startswith(":"):
             out.append(("comment", text[1:].strip()))
         elif text.startswith("data: "):
-            payload = text[len("data: "):]
+            payload = text[len("data: ") :]
             out.append(("data", payload if payload == "[DONE]" else json.loads(payload)))
         elif text.startswith("error: "):
-            out.append(("error", json.loads(text[len("error: "):])))
+            out.append(("error", json.loads(text[len("error: ") :])))
         else:
             raise AssertionError(f"unexpected SSE block {text!r}")
     return out
 
 
 def chat(text: str, stream: bool = True, include_usage: bool | None = None, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "whatever", "stream": stream,
-                            "messages": [{"role": "system", "content": "be brief"},
-                                         {"role": "user", "content": text}], **extra}
+    body: dict[str, Any] = {
+        "model": "whatever",
+        "stream": stream,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}],
+        **extra,
+    }
     if include_usage is not None:
         body["stream_options"] = {"include_usage": include_usage}
     return body
@@ -130,8 +134,11 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 def raw_stream_request(port: int, body: dict[str, Any], version: str = "HTTP/1.1") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     data = json.dumps(body).encode()
-    sock.sendall(f"POST /v1/chat/completions {version}\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    sock.sendall(
+        f"POST /v1/chat/completions {version}\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
     return sock
 
 
@@ -172,8 +179,16 @@ class Env:
         self.models = root / "models"
         self.models.mkdir(exist_ok=True)
 
-    def engine(self, kind: str, unit: str, port: int | None = None, env: dict[str, str] | None = None,
-               model: str | None = None, args: tuple[str, ...] = (), stop_timeout: float = 5) -> dict[str, Any]:
+    def engine(
+        self,
+        kind: str,
+        unit: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        model: str | None = None,
+        args: tuple[str, ...] = (),
+        stop_timeout: float = 5,
+    ) -> dict[str, Any]:
         port = port or free_port()
         events = self.root / f"{unit}.events"
         full_env = {"FAKE_LOAD_SECONDS": "0.2", "FAKE_EVENT_LOG": str(events), **(env or {})}
@@ -184,8 +199,9 @@ class Env:
             tabby_dir = write_tabby_config(self.root / f"tabby-{unit}", port, self.models)
         else:
             model = model or str(self.models / f"{unit}.gguf")
-        self.sd.define_engine_unit(unit, kind, model, port, args=args, env=full_env, tabby_dir=tabby_dir,
-                                   stop_timeout=stop_timeout)
+        self.sd.define_engine_unit(
+            unit, kind, model, port, args=args, env=full_env, tabby_dir=tabby_dir, stop_timeout=stop_timeout
+        )
         return {"unit": unit, "port": port, "events": events, "model": model, "kind": kind}
 
     def start(self, unit: str) -> float:
@@ -257,7 +273,7 @@ def test_sglang_health_503_then_200_and_health_generates(env: Env) -> None:
     wait_until(lambda: try_request(eng["port"], "/health") == (200, b""), timeout=3)
     request(eng["port"], "GET", "/health")
     events = read_events(eng["events"])
-    after_ready = events[[e["event"] for e in events].index("ready"):]
+    after_ready = events[[e["event"] for e in events].index("ready") :]
     assert [e["status"] for e in after_ready if e["event"] == "health"] == [200, 200]
     assert "Prefill batch" in env.sd.journal_path("sglang.service").read_text()
 
@@ -288,10 +304,12 @@ def test_tabbyapi_binds_port_plus_one_when_busy(env: Env) -> None:
         env.start("tabby.service")
         wait_until(lambda: try_request(port + 1, "/v1/model"), timeout=5)
     assert env.sd.is_active("tabby.service") == "active"
-    assert f"Port {port} is currently in use. Switching to {port + 1}." in \
-        env.sd.journal_path("tabby.service").read_text()
-    assert {"event": "port_switched", "port": port, "bound_port": port + 1}.items() <= \
-        next(e for e in read_events(eng["events"]) if e["event"] == "port_switched").items()
+    assert (
+        f"Port {port} is currently in use. Switching to {port + 1}." in env.sd.journal_path("tabby.service").read_text()
+    )
+    assert {"event": "port_switched", "port": port, "bound_port": port + 1}.items() <= next(
+        e for e in read_events(eng["events"]) if e["event"] == "port_switched"
+    ).items()
 
 
 @pytest.mark.parametrize("kind", ["llamacpp", "sglang"])
@@ -326,12 +344,13 @@ def test_failed_load_is_reported_fast_with_log_line(env: Env, kind: str) -> None
 
 
 def test_missing_model_file_exits_at_once(env: Env) -> None:
-    eng = env.engine("llamacpp", "missing.service", env={"FAKE_CHECK_MODEL_FILE": "1"},
-                     model="/nonexistent/model.gguf")
+    eng = env.engine("llamacpp", "missing.service", env={"FAKE_CHECK_MODEL_FILE": "1"}, model="/nonexistent/model.gguf")
     env.start("missing.service")
     wait_until(lambda: env.sd.is_active("missing.service") == "failed", timeout=2)
-    assert "error: failed to load model '/nonexistent/model.gguf'" in \
-        env.sd.journalctl("-u", "missing.service", "-n", "10").stdout
+    assert (
+        "error: failed to load model '/nonexistent/model.gguf'"
+        in env.sd.journalctl("-u", "missing.service", "-n", "10").stdout
+    )
     assert not port_open(eng["port"])
 
 
@@ -427,8 +446,11 @@ def test_non_stream_completions_and_embeddings(engines: dict[str, dict[str, Any]
     status, _, body = request(port, "POST", "/v1/completions", {"prompt": "once upon [[tokens:2]]"})
     resp = json.loads(body)
     assert status == 200 and resp["choices"][0]["text"] == "tok1 tok2" and resp["object"] == "text_completion"
-    _raw, events = stream(port, {"prompt": "p [[tokens:2]]", "stream": True, "stream_options": {"include_usage": True}},
-                         path="/v1/completions")
+    _raw, events = stream(
+        port,
+        {"prompt": "p [[tokens:2]]", "stream": True, "stream_options": {"include_usage": True}},
+        path="/v1/completions",
+    )
     texts = "".join(c["choices"][0]["text"] for k, c in events if k == "data" and c != "[DONE]" and c["choices"])
     assert texts == "tok1 tok2" and events[-1] == ("data", "[DONE]")
     status, _, body = request(port, "POST", "/v1/embeddings", {"input": ["a b", "c"], "model": "m"})
@@ -493,8 +515,10 @@ def test_client_disconnect_is_logged_at_once(engines: dict[str, dict[str, Any]],
     read_until(sock, b"tok3" if during == "tokens" else b"\r\n\r\n")
     t0 = time.time()
     sock.close()
-    ev = wait_until(lambda: [e for e in read_events(eng["events"])
-                             if e["event"] == "client_disconnected" and e["ts"] >= t0 - 0.01], timeout=2)
+    ev = wait_until(
+        lambda: [e for e in read_events(eng["events"]) if e["event"] == "client_disconnected" and e["ts"] >= t0 - 0.01],
+        timeout=2,
+    )
     assert ev[0]["ts"] - t0 < 0.5 and ev[0]["path"] == "/v1/chat/completions"
 
 
@@ -524,8 +548,11 @@ def test_sigterm_exits_promptly_with_0_mid_stream(env: Env) -> None:
     read_until(sock, b"tok2")
     t0 = time.monotonic()
     os.kill(pid, signal.SIGTERM)
-    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
-               "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), timeout=1, interval=0.002)
+    wait_until(
+        lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(),
+        timeout=1,
+        interval=0.002,
+    )
     exit_time = time.monotonic() - t0
     assert exit_time < 0.2, exit_time
     read_to_eof(sock)  # the socket is closed by the exit
@@ -593,8 +620,7 @@ def test_systemd_exit_states_and_exec_failure(env: Env) -> None:
 def test_systemd_stop_kills_whole_group_and_escalates(env: Env) -> None:
     sd = env.sd
     # the shell and its child both ignore SIGTERM: stop must SIGKILL them after stop_timeout
-    sd.define_unit("stubborn.service", ["/bin/sh", "-c", "trap '' TERM; sleep 30 & sleep 30 & wait"],
-                   stop_timeout=0.4)
+    sd.define_unit("stubborn.service", ["/bin/sh", "-c", "trap '' TERM; sleep 30 & sleep 30 & wait"], stop_timeout=0.4)
     assert sd.systemctl("start", "stubborn").returncode == 0
     pgid = int(sd.show("stubborn", "MainPID")["MainPID"])
     assert pgid == os.getpgid(pgid) and os.getsid(pgid) == pgid  # own session and process group
@@ -650,25 +676,37 @@ def test_systemd_command_speed(env: Env) -> None:
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="no /usr/bin/python3")
 def test_launchers_run_under_system_python(engines: dict[str, dict[str, Any]], tmp_path: Path) -> None:
-    res = subprocess.run([SYSTEM_PYTHON, "-I", "-S", "-c",
-                          "import sys; sys.path[:0] = sys.argv[1:]; import fake_engine, fake_systemd; "
-                          "print(sys.version_info[:2])",
-                          str(FAKE_ENGINES_DIR), str(Path(__file__).resolve().parents[1] / "fakes")],
-                         capture_output=True, text=True, env={})
+    res = subprocess.run(
+        [
+            SYSTEM_PYTHON,
+            "-I",
+            "-S",
+            "-c",
+            "import sys; sys.path[:0] = sys.argv[1:]; import fake_engine, fake_systemd; print(sys.version_info[:2])",
+            str(FAKE_ENGINES_DIR),
+            str(Path(__file__).resolve().parents[1] / "fakes"),
+        ],
+        capture_output=True,
+        text=True,
+        env={},
+    )
     assert res.returncode == 0, res.stderr
     for eng in engines.values():
         pid = next(e["pid"] for e in read_events(eng["events"]) if e["event"] == "start")
         assert os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(SYSTEM_PYTHON)
-    out = subprocess.run([str(FAKE_ENGINES_DIR / "sglang-python"), "-c", "print(6 * 7)"], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [str(FAKE_ENGINES_DIR / "sglang-python"), "-c", "print(6 * 7)"], capture_output=True, text=True
+    )
     assert out.stdout.strip() == "42"
     script = tmp_path / "s.py"
     script.write_text("import sys; print(sys.argv[1:])")
-    out = subprocess.run([str(FAKE_ENGINES_DIR / "tabbyapi-python"), str(script), "--model-name", "x"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(FAKE_ENGINES_DIR / "tabbyapi-python"), str(script), "--model-name", "x"], capture_output=True, text=True
+    )
     assert out.stdout.strip() == "['--model-name', 'x']"
-    out = subprocess.run([str(FAKE_ENGINES_DIR / "sglang-python"), "-m", "sglang.launch_server"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(FAKE_ENGINES_DIR / "sglang-python"), "-m", "sglang.launch_server"], capture_output=True, text=True
+    )
     assert out.returncode == 1 and "no model given" in out.stderr
 
 
@@ -688,19 +726,27 @@ model:
 developer: {}
 """
     parsed = fake_engine.parse_simple_yaml(text)
-    assert parsed == {"network": {"host": "127.0.0.1", "port": 5000, "disable_auth": True,
-                                  "api_servers": ["OAI", "Kobold"]},
-                      "model": {"model_dir": "/srv/models", "max_seq_len": 8192, "gpu_split": [20, 24]},
-                      "developer": {}}
+    assert parsed == {
+        "network": {"host": "127.0.0.1", "port": 5000, "disable_auth": True, "api_servers": ["OAI", "Kobold"]},
+        "model": {"model_dir": "/srv/models", "max_seq_len": 8192, "gpu_split": [20, 24]},
+        "developer": {},
+    }
     assert fake_engine.parse_simple_yaml(json.dumps(parsed)) == parsed
     (tmp_path / "config.yml").write_text(text)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TABBY_NETWORK_HOST", "127.0.0.2")
     log = fake_engine.Log("tabbyapi")
-    cfg = fake_engine.build_config("tabbyapi", ["--model-name", "M", "--port", "18199", "--gpu-split-auto", "False"],
-                                   log)
-    assert (cfg.host, cfg.port, cfg.model_id, cfg.ctx, cfg.model_path) == ("127.0.0.2", 18199, "M", 8192,
-                                                                            "/srv/models/M")
-    cli = fake_engine.parse_cli("llamacpp", ["-m", "/m.gguf", "--host", "h", "--port=9", "-ngl", "999", "-c", "2048",
-                                             "--alias", "X", "-t", "2"])
+    cfg = fake_engine.build_config(
+        "tabbyapi", ["--model-name", "M", "--port", "18199", "--gpu-split-auto", "False"], log
+    )
+    assert (cfg.host, cfg.port, cfg.model_id, cfg.ctx, cfg.model_path) == (
+        "127.0.0.2",
+        18199,
+        "M",
+        8192,
+        "/srv/models/M",
+    )
+    cli = fake_engine.parse_cli(
+        "llamacpp", ["-m", "/m.gguf", "--host", "h", "--port=9", "-ngl", "999", "-c", "2048", "--alias", "X", "-t", "2"]
+    )
     assert cli == {"model": "/m.gguf", "host": "h", "port": "9", "ctx": "2048", "alias": "X"}
