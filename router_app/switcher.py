@@ -34,6 +34,9 @@ log = logging.getLogger("llm_router.switcher")
 FIRST_POLL_DELAY = 0.1
 MAX_POLL_DELAY = 1.0
 POLL_BACKOFF = 1.5
+# Most engines are ready within seconds: poll at the first delay for this long (a /health call costs them nothing,
+# and every 0.1 s saved here is 0.1 s of switch latency), then back off towards MAX_POLL_DELAY.
+FAST_POLL_SECONDS = 5.0
 LOAD_HISTORY = 5
 
 
@@ -445,4 +448,5 @@ class Switcher:
                     model.id, f"not ready after the load timeout of {model.load_timeout:g} s; unit {model.unit} stopped"
                 )
             await self.sleep(min(delay, deadline - now))
-            delay = min(delay * POLL_BACKOFF, MAX_POLL_DELAY)
+            if now - self.load.started >= FAST_POLL_SECONDS:
+                delay = min(delay * POLL_BACKOFF, MAX_POLL_DELAY)
