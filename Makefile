@@ -44,9 +44,10 @@ demo-down:
 bench: venv
 	$(BIN)/python bench/switch_bench.py
 
-# The whole suite, what .ci/run calls. The last pytest run covers unit, end-to-end and real-engine tests.
-test: lint test-molecule
-	LLM_ROUTER_TEST_DEMO_UP=1 $(BIN)/pytest -q tests
+# The whole suite, what .ci/run calls: lint, molecule, the demo (with its smoke check), then one pytest run over
+# unit, end-to-end and real-engine tests (the real-engine tests use the demo, which stays up: `make demo-down`).
+test: lint test-molecule demo
+	$(BIN)/pytest -q tests
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
