@@ -18,7 +18,7 @@ import httpx
 
 from router_app import annotations as texts
 from router_app import errors
-from router_app.chunks import ChunkFactory, StatusChannel
+from router_app.chunks import ChunkFactory, StatusChannel, append_footer
 from router_app.relay import StreamRelay
 from router_app.requests import ClientRequest, parse_request
 from router_app.service import RouterService
@@ -81,7 +81,7 @@ async def handle_model_request(service: RouterService, request: ProxyRequest) ->
     try:
         admission = service.switcher.request(parsed.model)
     except QueueFull as exc:
-        return _error_result(errors.rate_limited(f"too many requests waiting for a model switch: {exc}", 5))
+        return _queue_full(exc)
     plan = _Plan.make(service, request, parsed)
     if parsed.stream:
         return await _stream(service, plan, body, admission)
@@ -95,7 +95,6 @@ class _Plan:
     kind: RequestKind
     model_id: str
     model_name: str
-    annotate: bool
     status_channel: StatusChannel | None
     footer: bool
     client_wants_usage: bool
@@ -118,7 +117,6 @@ class _Plan:
             kind=request.kind,
             model_id=parsed.model,
             model_name=model.name,
-            annotate=annotate,
             status_channel=channel,
             footer=annotate and config.speed_footer,
             client_wants_usage=parsed.wants_usage,
@@ -180,7 +178,7 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
                 if isinstance(usage, dict):
                     data["usage"] = {**usage, **speed.usage_extras()}
                 if plan.footer and service.config.footer_non_streaming:
-                    data = _append_footer(data, speed.footer())
+                    data = append_footer(data, speed.footer())
         log.info(
             "%s request for %s: HTTP %d in %.2f s%s",
             plan.kind,
@@ -217,17 +215,11 @@ async def _readmit(
     try:
         admission = service.switcher.request(plan.model_id)
     except QueueFull as exc:
-        return _error_result(errors.rate_limited(f"too many requests waiting for a model switch: {exc}", 5))
+        return _queue_full(exc)
     if isinstance(admission, Lease):
         admission.release()
         return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} refused the connection"))
     return await handler(service, plan, body, admission)
-
-
-def _append_footer(data: dict[str, Any], footer: str) -> dict[str, Any]:
-    from router_app.chunks import append_footer
-
-    return append_footer(data, footer)
 
 
 async def _read_error_body(upstream: AsyncGenerator[UpstreamHead | bytes, None]) -> bytes:
@@ -236,6 +228,10 @@ async def _read_error_body(upstream: AsyncGenerator[UpstreamHead | bytes, None])
         return b"".join([part async for part in upstream if isinstance(part, bytes)])
     finally:
         await upstream.aclose()
+
+
+def _queue_full(exc: QueueFull) -> ProxyResult:
+    return _error_result(errors.rate_limited(f"too many requests waiting for a model switch: {exc}", 5))
 
 
 def _unreachable(plan: _Plan, exc: BaseException) -> errors.OpenAIError:
