@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+from switch_bench import llama_argv  # bench/ is on sys.path: these are scripts run from it
 
 DEFAULT_ENGINE_DIR = Path(os.environ.get("LLM_ROUTER_ENGINE_DIR", "/var/cache/llm-router/engine"))
 MODELS = {"gemma-3-270m-q4": "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m-q8": "gemma-3-270m-q8_0.gguf"}
@@ -43,25 +44,7 @@ def short(line: str) -> str:
 def facts_for(args: argparse.Namespace, client: httpx.Client, model_id: str, file: str) -> list[str]:
     engine = Path(args.engine_dir)
     base = f"http://127.0.0.1:{args.port}"
-    argv = [
-        str(engine / "bin" / "llama-server"),
-        "-m",
-        str(engine / "models" / file),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(args.port),
-        "--alias",
-        model_id,
-        "-c",
-        "2048",
-        "-ngl",
-        "0",
-        "-t",
-        "2",
-        "-np",
-        "1",
-    ]
+    argv = llama_argv(str(engine / "bin" / "llama-server"), str(engine / "models" / file), model_id, args.port)
     md = [f"### {model_id} ({file})", "", f"`{' '.join(argv[1:])}` (binary: bin/llama-server of the engine dir)", ""]
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
