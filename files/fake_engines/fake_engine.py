@@ -13,7 +13,7 @@ Environment knobs (all optional): FAKE_LOAD_SECONDS (0.5), FAKE_FAIL_LOAD, FAKE_
 FAKE_FAIL_MESSAGE, FAKE_CHECK_MODEL_FILE, FAKE_TOKENS (16), FAKE_TOKEN_DELAY (0.01), FAKE_SILENCE (0),
 FAKE_CRASH_AFTER, FAKE_PING_INTERVAL (15), FAKE_EMBED_DIM (8), FAKE_KEEPALIVE_TIMEOUT (5), FAKE_EVENT_LOG,
 FAKE_ACCESS_LOG (1).  Per-request magic words in the last user message (or the prompt / input):
-[[tokens:N]] [[delay:S]] [[silence:S]] [[crash-after:N]] [[error]] [[error-midstream]].
+[[tokens:N]] [[delay:S]] [[silence:S]] [[crash-after:N]] [[error]] [[error-midstream]] [[tool:NAME]].
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 KINDS = ("llamacpp", "sglang", "tabbyapi")
 DEFAULT_PORTS = {"llamacpp": 8080, "sglang": 30000, "tabbyapi": 5000}
 TABBY_SECTIONS = ("network", "logging", "model", "draft_model", "lora", "embeddings", "sampling", "developer")
-MAGIC_RE = re.compile(r"\[\[(tokens|delay|silence|crash-after|error-midstream|error)(?::\s*([^\]]*))?\]\]")
+MAGIC_RE = re.compile(r"\[\[(tokens|delay|silence|crash-after|error-midstream|error|tool)(?::\s*([^\]]*))?\]\]")
 JSON_SEPARATORS = (",", ":")
 
 
@@ -340,6 +340,47 @@ class Plan:
         self.error = False
         self.error_midstream = False
         self.prompt_tokens = 1
+        self.tool_call: tuple[str, str] | None = None  # (name, JSON arguments): answer with this tool call
+
+
+def wanted_tool_call(body: dict[str, Any], messages: list[Any]) -> tuple[str, str] | None:
+    """[[tool:NAME]] in the last message, when that message is the user's and the request offers a tool NAME:
+    the tool call to answer with (its required arguments filled with minimal valid values).  After the tool's
+    result (a last message with role `tool`) the engine answers with text again."""
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    if last.get("role") != "user":
+        return None
+    names = [arg.strip() for name, arg in MAGIC_RE.findall(content_text(last.get("content"))) if name == "tool"]
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and function.get("name") in names:
+            arguments = minimal_arguments(function.get("parameters"))
+            return str(function["name"]), json.dumps(arguments, separators=JSON_SEPARATORS)
+    return None
+
+
+def minimal_arguments(schema: Any) -> dict[str, Any]:
+    if not isinstance(schema, dict):
+        return {}
+    props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    return {key: minimal_value(props.get(key)) for key in required if isinstance(key, str)}
+
+
+def minimal_value(schema: Any) -> Any:
+    if not isinstance(schema, dict):
+        return ""
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    if "default" in schema:
+        return schema["default"]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if kind == "object":
+        return minimal_arguments(schema)
+    return {"integer": 0, "number": 0, "boolean": False, "array": [], "null": None}.get(str(kind), "")
 
 
 def content_text(content: Any) -> str:
@@ -531,6 +572,37 @@ class Shapes:
     def token_chunk(self, text: str) -> dict[str, Any]:
         return self._chunk([self._choice(text, None)])
 
+    def tool_call_chunks(self, name: str, arguments: str) -> list[dict[str, Any]]:
+        """The call's id, type and function name first (empty arguments), then the arguments."""
+        call_id = self.tool_call_id()
+        head = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        if self.kind == "llamacpp":
+            tail: dict[str, Any] = {"index": 0, "function": {"arguments": arguments}}
+            deltas: list[dict[str, Any]] = [{"tool_calls": [head]}, {"tool_calls": [tail]}]
+        elif self.kind == "sglang":
+            tail = {"id": None, "index": 0, "type": "function", "function": {"name": None, "arguments": arguments}}
+            base = {"role": None, "content": None, "reasoning_content": None}
+            deltas = [{**base, "tool_calls": [head]}, {**base, "tool_calls": [tail]}]
+        else:
+            tail = {"index": 0, "function": {"arguments": arguments}}
+            deltas = [{"role": "assistant", "content": None, "tool_calls": [head]},
+                      {"role": "assistant", "content": None, "tool_calls": [tail]}]
+        out = []
+        for delta in deltas:
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+            if self.kind == "sglang":
+                choice.update({"logprobs": None, "matched_stop": None})
+            elif self.kind == "tabbyapi":
+                choice["logprobs"] = None
+            out.append(self._chunk([choice]))
+        return out
+
+    def tool_call_id(self) -> str:
+        if self.kind == "llamacpp":  # llama-server: 32 random letters and digits
+            alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+            return "".join(alphabet[b % len(alphabet)] for b in os.urandom(32))
+        return "call_" + os.urandom(12).hex()
+
     def final_chunks(self, timer: Timer) -> list[dict[str, Any]]:
         finish = self.plan.finish_reason
         if self.kind == "llamacpp":
@@ -557,6 +629,11 @@ class Shapes:
                 message.update({"reasoning_content": None, "tool_calls": None})
             elif self.kind == "tabbyapi":
                 message["tool_calls"] = None
+            if self.plan.tool_call is not None:
+                name, arguments = self.plan.tool_call
+                message["content"] = None
+                message["tool_calls"] = [{"id": self.tool_call_id(), "type": "function",
+                                          "function": {"name": name, "arguments": arguments}}]
             choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
@@ -804,6 +881,11 @@ class Engine:
         plan = make_plan(body, magic_text, all_text)
         if plan.error:
             return self.magic_error(h)
+        if endpoint == "chat":
+            plan.tool_call = wanted_tool_call(body, messages)
+            if plan.tool_call is not None:  # two "tokens": the name chunk and the arguments chunk
+                plan.tokens, plan.finish_reason = 2, "tool_calls"
+                self.events.emit("tool_call", path=path, name=plan.tool_call[0], arguments=plan.tool_call[1])
         opts = body.get("stream_options")
         include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
         shapes = Shapes(self, endpoint, plan, include_usage)
@@ -838,10 +920,11 @@ class Engine:
             role = shapes.role_chunk()
             if role is not None:
                 w.event(role)
+            tool_chunks = shapes.tool_call_chunks(*plan.tool_call) if plan.tool_call is not None else []
             for i in range(1, plan.tokens + 1):
                 if i > 1:
                     w.wait(plan.delay)
-                w.event(shapes.token_chunk(token_text(i)))
+                w.event(tool_chunks[i - 1] if tool_chunks else shapes.token_chunk(token_text(i)))
                 timer.token()
                 if plan.crash_after is not None and timer.n >= plan.crash_after:
                     self.crash(plan.crash_after)
