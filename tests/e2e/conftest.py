@@ -22,10 +22,10 @@ import yaml
 from tests.fakes.fake_units import FakeSystemd, write_tabby_config
 
 REPO = Path(__file__).resolve().parents[2]
-ROUTER_PORT = 18210
-LLAMA_PORT = 18211
-SGLANG_PORT = 18212
-TABBY_PORT = 18213
+ROUTER_PORT = 18210  # the fake engines use the next three ports (RouterEnv's base_port)
+LLAMA_PORT = ROUTER_PORT + 1
+SGLANG_PORT = ROUTER_PORT + 2
+TABBY_PORT = ROUTER_PORT + 3
 
 
 @dataclass
@@ -54,7 +54,10 @@ def unit_of(model_id: str) -> str:
 class RouterEnv:
     """A running router with its fake systemd; helpers to talk to it and inspect the engines."""
 
-    def __init__(self, tmp: Path, models: list[ModelSpec], config_extra: dict[str, Any]) -> None:
+    def __init__(
+        self, tmp: Path, models: list[ModelSpec], config_extra: dict[str, Any], base_port: int = ROUTER_PORT
+    ) -> None:
+        """`base_port` is the router's port; the fake llama-server, SGLang and TabbyAPI use the next three."""
         self.tmp = tmp
         self.models = {m.id: m for m in models}
         self.systemd = FakeSystemd(tmp / "systemd")
@@ -62,9 +65,10 @@ class RouterEnv:
         self.config_dir.mkdir()
         self.events_dir = tmp / "events"
         self.events_dir.mkdir()
-        self.base = f"http://127.0.0.1:{ROUTER_PORT}"
-        tabby_dir = write_tabby_config(tmp / "tabby", TABBY_PORT, tmp / "tabby-models")
-        ports = {"llamacpp": LLAMA_PORT, "sglang": SGLANG_PORT, "tabbyapi": TABBY_PORT}
+        self.port = base_port
+        self.base = f"http://127.0.0.1:{base_port}"
+        ports = {"llamacpp": base_port + 1, "sglang": base_port + 2, "tabbyapi": base_port + 3}
+        tabby_dir = write_tabby_config(tmp / "tabby", ports["tabbyapi"], tmp / "tabby-models")
         for model in models:
             env = {"FAKE_LOAD_SECONDS": "0.3", "FAKE_EVENT_LOG": str(self.events_path(model.id)), **model.env}
             self.systemd.define_engine_unit(
@@ -76,7 +80,7 @@ class RouterEnv:
                 tabby_dir=tabby_dir if model.backend == "tabbyapi" else None,
             )
         config: dict[str, Any] = {
-            "listen": f"127.0.0.1:{ROUTER_PORT}",
+            "listen": f"127.0.0.1:{base_port}",
             "systemctl": self.systemd.systemctl_argv(),
             "journalctl": self.systemd.journalctl_argv(),
             "load_timeout": 30,
