@@ -13,14 +13,22 @@ Two kinds of text exist, both built only here:
 - the speed footer, a paragraph of its own appended after the model's text: `\\n\\n⚡ 23.4 tok/s (512 tokens in 21.9s)`.
 
 Why this shape: clients store content and send it back on the next turn (Open-WebUI does), and the model must not
-see our text. `strip_annotations` removes exactly what these functions produce, and nothing the user or model
-wrote, by recognising each line's fixed emoji and phrasing, and only where the router puts it: status lines only
-as a block at the start of the text (or right after one of our footers, where a "continue" request appends), and
-footers only with their full format. A model answer that merely contains ⚡ or ✅ is left alone.
+see our text. It comes back in three more shapes, each cleaned by its own function below:
+- `strip_reasoning_details`: Open-WebUI before 0.12 (and imports, API clients) stored the reasoning channel as a
+  `<details type="reasoning">` block of `> `-quoted lines inside the assistant's content;
+- `strip_task_history`: Open-WebUI's background tasks (titles, tags, follow-ups) paste the conversation as text
+  into a user message, `ASSISTANT: ...` lines between `<chat_history>` and `</chat_history>`;
+- `reasoning_content` of an assistant message (its llama.cpp provider sends reasoning back): `strip_annotations`.
+
+`strip_annotations` removes exactly what these functions produce, and nothing the user or model wrote, by
+recognising each line's fixed emoji and phrasing, and only where the router puts it: status lines only as a block
+at the start of the text (or right after one of our footers, where a "continue" request appends), and footers only
+with their full format. A model answer that merely contains ⚡ or ✅ is left alone.
 """
 
 from __future__ import annotations
 
+import html
 import re
 
 SWITCH_MARK = "🔀"
@@ -115,3 +123,90 @@ def strip_annotations(text: str) -> str:
     # Status blocks start the text or follow a footer (a "continue" request appends to an answer): split at
     # footers, which removes them, then drop a status block at the start of each piece.
     return "".join(_STATUS_BLOCK.sub("", piece, count=1) for piece in _FOOTER.split(text))
+
+
+# Open-WebUI's serialisation of a reasoning block (open_webui/utils/middleware.py before 0.12): a `<details>` element,
+# a `<summary>`, then every line of the reasoning prefixed with `> ` (html-escaped in some versions: `&gt; `).
+_DETAILS_BLOCK = re.compile(
+    r'<details type="reasoning"[^>]*>[ \t]*\n?[ \t]*<summary>[^<\n]*</summary>\n?(?P<body>.*?)</details>[ \t]*\n?',
+    re.S,
+)
+_QUOTE = re.compile(r"\A(?:>|&gt;) ?")
+_STATUS_LINE = re.compile(rf"\A{_PROGRESS_LINE}\Z")
+_STATUS_FINAL_LINE = re.compile(rf"\A{_FINAL_LINE}\Z")
+
+
+def strip_reasoning_details(text: str) -> str:
+    """Remove our status lines from `<details type="reasoning">` blocks in an assistant's content.
+
+    A block that holds only router status lines goes entirely; a block whose reasoning starts with our status block
+    (a reasoning model behind a switch: both went into the reasoning channel) keeps the model's own lines. Anything
+    else (a block of the model's own thoughts, a block that merely contains a ✅) stays byte-identical.
+    """
+    if "<details" not in text:
+        return text
+    return _DETAILS_BLOCK.sub(_clean_details_block, text)
+
+
+def _clean_details_block(match: re.Match[str]) -> str:
+    block = match.group(0)
+    lines = match.group("body").split("\n")
+    if lines and lines[-1].strip() == "":
+        lines.pop()  # the newline before </details>
+    unquoted = [html.unescape(_QUOTE.sub("", line, count=1)).rstrip("\r") for line in lines]
+    consumed = 0
+    while consumed < len(unquoted) and _STATUS_LINE.match(unquoted[consumed]):
+        consumed += 1
+    if consumed == 0 and not (unquoted and _STATUS_FINAL_LINE.match(unquoted[0])):
+        return block
+    if consumed < len(unquoted) and _STATUS_FINAL_LINE.match(unquoted[consumed]):
+        consumed += 1
+        while consumed < len(unquoted) and unquoted[consumed].strip() == "":
+            consumed += 1  # the blank line our final line ends with
+    elif consumed < len(unquoted):
+        return block  # progress lines without their final line, followed by other text: not ours for sure
+    if consumed >= len(unquoted):
+        return ""
+    body_start = match.start("body") - match.start()
+    body_end = match.end("body") - match.start()
+    kept = "\n".join(lines[consumed:]) + "\n"
+    return block[:body_start] + kept + block[body_end:]
+
+
+_HISTORY_SECTION = re.compile(r"(<chat_history>)(.*?)(</chat_history>)", re.S)
+# Open-WebUI writes each turn as `ROLE: text` (open_webui/utils/misc.py get_messages_content), one after another.
+_TURN_START = re.compile(r"^(?:USER|ASSISTANT|SYSTEM|TOOL|DEVELOPER): ", re.M)
+
+
+def may_contain_task_history(text: str) -> bool:
+    """Cheap pre-check for `strip_task_history`: a task prompt with any of our marks in it."""
+    return "<chat_history>" in text and (FOOTER_MARK in text or any(mark in text for mark in STATUS_MARKS))
+
+
+def strip_task_history(text: str) -> str:
+    """Remove our texts from the assistant turns a task prompt pastes between `<chat_history>` tags.
+
+    Only `ASSISTANT: ` turns inside those sections are cleaned, each exactly as an assistant message would be; the
+    task's instructions, the user's turns and everything outside the sections stay byte-identical.
+    """
+    if not may_contain_task_history(text):
+        return text
+    return _HISTORY_SECTION.sub(_clean_history_section, text)
+
+
+def _clean_history_section(match: re.Match[str]) -> str:
+    section = match.group(2)
+    starts = [turn.start() for turn in _TURN_START.finditer(section)]
+    if not starts:
+        return match.group(0)
+    pieces = [section[: starts[0]]]
+    for index, start in enumerate(starts):
+        end = starts[index + 1] if index + 1 < len(starts) else len(section)
+        turn = section[start:end]
+        if turn.startswith("ASSISTANT: "):
+            body = turn[len("ASSISTANT: ") :]
+            trailing = body[len(body.rstrip("\n")) :]
+            turn = "ASSISTANT: " + strip_annotations(strip_reasoning_details(body[: len(body) - len(trailing)]))
+            turn += trailing
+        pieces.append(turn)
+    return match.group(1) + "".join(pieces) + match.group(3)

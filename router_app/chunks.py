@@ -48,6 +48,43 @@ def needs_inspection(raw: bytes) -> bool:
     return False
 
 
+def carries_tool_calls(raw: bytes) -> bool:
+    """True when an engine event (or response body) holds a non-empty `tool_calls` list.
+
+    Engines repeat `"tool_calls":null` (or `[]`) in every delta; only a list with an entry counts. A quote inside
+    generated text is escaped, so `"tool_calls"` only matches a real key. One C scan for the common case.
+    """
+    at = raw.find(b'"tool_calls"')
+    while at >= 0:
+        after = raw[at + 12 : at + 24].replace(b" ", b"").lstrip(b":")
+        if after.startswith(b"[") and not after.startswith(b"[]"):
+            return True
+        at = raw.find(b'"tool_calls"', at + 12)
+    return False
+
+
+def finish_reason(chunk: Mapping[str, Any]) -> str | None:
+    """The first choice's `finish_reason` that is set, or None (a chunk in the middle of the answer)."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return None
+    for choice in choices:
+        if isinstance(choice, Mapping):
+            reason = choice.get("finish_reason")
+            if reason is not None:
+                return str(reason)
+    return None
+
+
+def footer_fits(reason: str | None, tool_calls: bool) -> bool:
+    """The answer is plain text that ended normally: only then may the speed footer follow it.
+
+    A tool call (finish_reason `tool_calls`, or `stop` with tool calls, as some engines send) is structured output;
+    `length` and `content_filter` answers were cut and the footer would read as part of the cut text.
+    """
+    return reason == "stop" and not tool_calls
+
+
 def _has_non_null(raw: bytes, key: bytes) -> bool:
     # Inside a JSON string a quote is escaped (`\"usage\"`), so `"key"` only matches a real key.
     at = raw.find(key)
@@ -187,14 +224,17 @@ def without_usage(chunk: Mapping[str, Any]) -> dict[str, Any] | None:
 def append_footer(body: Mapping[str, Any], footer: str) -> dict[str, Any]:
     """A non-streaming response body with `footer` appended to the first choice's text; `body` is not modified.
 
-    Chat: `choices[0].message.content`; completions: `choices[0].text`. Left unchanged when that text is not a
-    string (a tool call's `content: null`) or the message has `tool_calls`: structured output is never touched.
+    Chat: `choices[0].message.content`; completions: `choices[0].text`. Left unchanged unless the answer is plain
+    text that ended normally (`footer_fits`: finish_reason `stop`, no `tool_calls`) and that text is a string:
+    structured output is never touched.
     """
     result = dict(body)
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
         return result
     first = dict(choices[0])
+    if first.get("finish_reason") != "stop":
+        return result
     message = first.get("message")
     if isinstance(message, Mapping):
         if message.get("tool_calls") or not isinstance(message.get("content"), str):

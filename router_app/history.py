@@ -2,16 +2,24 @@
 
 Clients send whole conversations back, our injected text included (Open-WebUI stores `delta.content` and, on its
 llama.cpp provider, `reasoning_content`). The model must not see it: it would learn to imitate footers and waste
-context. Only assistant messages are cleaned; user, system and tool messages are never touched, so an emoji a user
-typed stays where it is. What is removed is defined in `annotations`.
+context. Assistant messages are cleaned (content, `<details type="reasoning">` blocks in it, reasoning fields);
+of user messages only the pasted conversation of a task prompt (`<chat_history>` sections, where Open-WebUI's
+title/tags/follow-up tasks quote earlier answers), and there only its assistant turns. System and tool messages
+are never touched, so an emoji a user typed stays where it is. What is removed is defined in `annotations`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from router_app.annotations import may_contain_annotations, strip_annotations
+from router_app.annotations import (
+    may_contain_annotations,
+    may_contain_task_history,
+    strip_annotations,
+    strip_reasoning_details,
+    strip_task_history,
+)
 
 REASONING_FIELDS = ("reasoning_content", "reasoning")
 """Assistant-message fields that may carry reasoning, and so our status lines (streamed in the reasoning channel)."""
@@ -40,7 +48,12 @@ def clean_history(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 
 def _clean_message(message: Any) -> dict[str, Any] | None:
     """The cleaned message, or None when it needs no change."""
-    if not isinstance(message, Mapping) or message.get("role") != "assistant":
+    if not isinstance(message, Mapping):
+        return None
+    role = message.get("role")
+    if role == "user":
+        return _clean_task_prompt(message)
+    if role != "assistant":
         return None
     changes: dict[str, Any] = {}
     content = message.get("content")
@@ -49,7 +62,7 @@ def _clean_message(message: Any) -> dict[str, Any] | None:
         if text is not None:
             changes["content"] = text
     elif isinstance(content, list):
-        parts = _clean_parts(content)
+        parts = _clean_parts(content, _clean_text)
         if parts is not None:
             changes["content"] = parts
     for field in REASONING_FIELDS:
@@ -63,12 +76,23 @@ def _clean_message(message: Any) -> dict[str, Any] | None:
     return {**message, **changes}
 
 
-def _clean_parts(parts: list[Any]) -> list[Any] | None:
+def _clean_task_prompt(message: Mapping[str, Any]) -> dict[str, Any] | None:
+    content = message.get("content")
+    if isinstance(content, str):
+        text = _clean_task_text(content)
+        return None if text is None else {**message, "content": text}
+    if isinstance(content, list):
+        parts = _clean_parts(content, _clean_task_text)
+        return None if parts is None else {**message, "content": parts}
+    return None
+
+
+def _clean_parts(parts: list[Any], clean: Callable[[str], str | None]) -> list[Any] | None:
     cleaned: list[Any] | None = None
     for index, part in enumerate(parts):
         if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
             continue
-        text = _clean_text(part["text"])
+        text = clean(part["text"])
         if text is not None:
             if cleaned is None:
                 cleaned = list(parts)
@@ -77,7 +101,14 @@ def _clean_parts(parts: list[Any]) -> list[Any] | None:
 
 
 def _clean_text(text: str) -> str | None:
-    if not may_contain_annotations(text):
+    stripped = strip_reasoning_details(text)
+    if may_contain_annotations(stripped):
+        stripped = strip_annotations(stripped)
+    return None if stripped == text else stripped
+
+
+def _clean_task_text(text: str) -> str | None:
+    if not may_contain_task_history(text):
         return None
-    stripped = strip_annotations(text)
+    stripped = strip_task_history(text)
     return None if stripped == text else stripped

@@ -77,12 +77,13 @@ async def handle_model_request(service: RouterService, request: ProxyRequest) ->
     config = service.config
     if parsed.model not in config.models:
         return _error_result(errors.model_not_found(parsed.model))
+    received_at = time.monotonic()
     body = parsed.upstream_body()
     try:
         admission = service.switcher.request(parsed.model)
     except QueueFull as exc:
         return _queue_full(exc)
-    plan = _Plan.make(service, request, parsed)
+    plan = _Plan.make(service, request, parsed, received_at)
     if parsed.stream:
         return await _stream(service, plan, body, admission)
     return await _complete(service, plan, body, admission)
@@ -100,12 +101,14 @@ class _Plan:
     client_wants_usage: bool
     keepalive_interval: float
     progress_interval: float
+    received_at: float
+    """When the router got the request (monotonic clock): the start of the answer's `approximate_total`."""
     forward_headers: dict[str, str] = field(default_factory=dict)
     readmitted: bool = False
     """Already loaded once more after its engine vanished: a second loss is an error, not another reload."""
 
     @classmethod
-    def make(cls, service: RouterService, request: ProxyRequest, parsed: ClientRequest) -> _Plan:
+    def make(cls, service: RouterService, request: ProxyRequest, parsed: ClientRequest, received_at: float) -> _Plan:
         config = service.config
         model = config.models[parsed.model]
         annotate = parsed.annotate
@@ -118,10 +121,11 @@ class _Plan:
             model_id=parsed.model,
             model_name=model.name,
             status_channel=channel,
-            footer=annotate and config.speed_footer,
+            footer=parsed.footer_allowed and config.speed_footer,
             client_wants_usage=parsed.wants_usage,
             keepalive_interval=config.keepalive_interval,
             progress_interval=config.progress_interval,
+            received_at=received_at,
             forward_headers={
                 "content-type": "application/json",
                 **{k: lowered[k] for k in FORWARDED_HEADERS if k in lowered},
@@ -176,7 +180,7 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
                 headers.update(speed.headers())
                 usage = data.get("usage")
                 if isinstance(usage, dict):
-                    data["usage"] = {**usage, **speed.usage_extras()}
+                    data["usage"] = {**usage, **speed.usage_extras(time.monotonic() - plan.received_at)}
                 if plan.footer and service.config.footer_non_streaming:
                     data = append_footer(data, speed.footer())
         log.info(
@@ -291,6 +295,7 @@ async def _stream(service: RouterService, plan: _Plan, body: bytes, admission: L
 
     if isinstance(admission, Lease):
         holder["lease"] = admission
+        sent_at = time.monotonic()
         upstream = open_upstream(
             service.client, admission.backend.url + UPSTREAM_PATHS[plan.kind], body, plan.forward_headers
         )
@@ -315,7 +320,7 @@ async def _stream(service: RouterService, plan: _Plan, body: bytes, admission: L
             finally:
                 cleanup()
             return _engine_error_result(head.status, error_body)
-        relay = _relay(service, plan, factory, upstream)
+        relay = _relay(service, plan, factory, upstream, sent_at)
         return ProxyResult(200, dict(SSE_HEADERS), ManagedStream(relay, cleanup), streaming=True)
 
     generator = _switch_then_relay(service, plan, factory, body, admission, holder)
@@ -392,6 +397,7 @@ async def _switch_then_relay(
     holder["lease"] = lease
     if channel is not None:
         yield status(texts.ready_line(plan.model_name, time.monotonic() - waited_from))
+    sent_at = time.monotonic()
     upstream = open_upstream(service.client, lease.backend.url + UPSTREAM_PATHS[plan.kind], body, plan.forward_headers)
     try:
         head = await anext(upstream)
@@ -404,7 +410,7 @@ async def _switch_then_relay(
         error_body = await _read_error_body(upstream)
         yield encode_json_event(errors.normalise_engine_error(head.status, error_body)) + DONE_EVENT
         return
-    async for piece in _relay(service, plan, factory, upstream):
+    async for piece in _relay(service, plan, factory, upstream, sent_at):
         yield piece
 
 
@@ -424,10 +430,17 @@ async def _relay(
     plan: _Plan,
     factory: ChunkFactory,
     upstream: AsyncGenerator[UpstreamHead | bytes, None],
+    sent_at: float,
 ) -> AsyncGenerator[bytes, None]:
     """Forward the engine's SSE stream; look into an event only when a cheap byte test says so."""
     decoder = SSEDecoder()
-    relay = StreamRelay(factory, footer=plan.footer, client_wants_usage=plan.client_wants_usage)
+    relay = StreamRelay(
+        factory,
+        footer=plan.footer,
+        client_wants_usage=plan.client_wants_usage,
+        sent_at=sent_at,
+        received_at=plan.received_at,
+    )
     try:
         async for item in ticks(_bytes_only(upstream), plan.keepalive_interval):
             if item is None:

@@ -8,7 +8,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from router_app import errors
-from router_app.chunks import ChunkFactory, needs_inspection, split_finish_chunk, without_usage
+from router_app.chunks import (
+    ChunkFactory,
+    carries_tool_calls,
+    finish_reason,
+    footer_fits,
+    needs_inspection,
+    split_finish_chunk,
+    without_usage,
+)
 from router_app.speed import SpeedMeter
 from router_app.sse import DONE_EVENT, SSEEvent, encode_json_event
 
@@ -19,17 +27,33 @@ class StreamRelay:
     """Per-stream relay decisions for one engine SSE stream, event by event.
 
     Every event passes through untouched unless it must be reshaped: the usage the router forced on is hidden from a
-    client that did not ask for it, llama-server's bare `error:` line becomes an error event, and the footer goes in
-    before the `finish_reason` chunk. That chunk waits for the speed figures when they come after it (llama-server
-    chat and SGLang send usage in a separate last chunk).
+    client that did not ask for it (and carries the speed in Open-WebUI's keys for one that did), llama-server's
+    bare `error:` line becomes an error event, and the footer goes in before the `finish_reason` chunk of a plain
+    text answer. Only that chunk is held back, and only until the speed figures are known (llama-server chat and
+    SGLang send usage in a separate last chunk): the engine's bytes before it are never delayed or changed.
+
+    `footer` says whether the request allows one; the answer decides (`chunks.footer_fits`): finish_reason `stop`
+    and no tool calls. `sent_at` and `received_at` (same clock as `now`) are when the request went to the engine and
+    when the router received it, for the prompt speed and the total time.
     """
 
-    def __init__(self, factory: ChunkFactory, *, footer: bool, client_wants_usage: bool) -> None:
+    def __init__(
+        self,
+        factory: ChunkFactory,
+        *,
+        footer: bool,
+        client_wants_usage: bool,
+        sent_at: float | None = None,
+        received_at: float | None = None,
+    ) -> None:
         self.footer = footer
         self.client_wants_usage = client_wants_usage
         self.factory = factory
-        self.meter = SpeedMeter()
+        self.meter = SpeedMeter(sent_at)
+        self.received_at = received_at
+        self.now = 0.0
         self.held: list[dict[str, Any]] = []
+        self.saw_tool_calls = False
         self.saw_finish = False
         self.saw_error = False
         self.finished = False
@@ -43,6 +67,9 @@ class StreamRelay:
 
     def handle(self, event: SSEEvent, now: float) -> bytes:
         raw = event.raw
+        self.now = now
+        if not self.saw_tool_calls and self.footer and carries_tool_calls(raw):
+            self.saw_tool_calls = True
         if not needs_inspection(raw):
             self.meter.observe_event(raw, now)
             if not self.factory.adopted and event.data:
@@ -77,9 +104,10 @@ class StreamRelay:
         if "model" in chunk:
             chunk["model"] = self.model
         out = b""
-        if _has_finish(chunk):
+        reason = finish_reason(chunk)
+        if reason is not None:
             self.saw_finish = True
-            if self.footer:
+            if self.footer and footer_fits(reason, self.saw_tool_calls):
                 head, tail = split_finish_chunk(chunk)
                 if head is not None:
                     out += encode_json_event(head)
@@ -116,10 +144,17 @@ class StreamRelay:
         return raw.replace(engine_model, self._our_model)
 
     def _client_view(self, chunk: dict[str, Any], raw: bytes) -> bytes:
-        if chunk.get("usage") is None or self.client_wants_usage:
+        usage = chunk.get("usage")
+        if usage is None:
             return self._rename(raw)
-        reshaped = without_usage(chunk)
-        return b"" if reshaped is None else encode_json_event(reshaped)
+        if not self.client_wants_usage:
+            reshaped = without_usage(chunk)
+            return b"" if reshaped is None else encode_json_event(reshaped)
+        speed = self.meter.result()
+        if speed is None or not isinstance(usage, dict):
+            return self._rename(raw)
+        total = None if self.received_at is None else self.now - self.received_at
+        return encode_json_event({**chunk, "usage": {**usage, **speed.usage_extras(total)}})
 
     def flush_held(self) -> bytes:
         if not self.held:
@@ -134,13 +169,6 @@ class StreamRelay:
             out += self._client_view(chunk, encode_json_event(chunk))
         self.held = []
         return out
-
-
-def _has_finish(chunk: Mapping[str, Any]) -> bool:
-    choices = chunk.get("choices")
-    return isinstance(choices, list) and any(
-        isinstance(c, Mapping) and c.get("finish_reason") is not None for c in choices
-    )
 
 
 def _engine_figures(chunk: Mapping[str, Any]) -> bool:

@@ -22,8 +22,6 @@ ANNOTATE_HEADER = "X-LLM-Router-Annotate"
 """Request header; `off` (or `0`, `false`, `no`) turns status text and footer off for that request."""
 
 _OFF_VALUES = frozenset({"off", "0", "false", "no"})
-# Any of these means the answer may be structured (tool calls, JSON): injected text would corrupt it.
-_STRUCTURED_KEYS = ("tools", "tool_choice", "functions", "function_call")
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,13 @@ class ClientRequest:
     model: str
     stream: bool
     annotate: bool
-    """The router may inject text (status lines, speed footer) into this answer."""
+    """The router may inject text into this answer: status lines while it waits for a load (they precede any model
+    output, so they are safe even next to tools) and, when `footer_allowed` and the answer turns out to be plain
+    text, the speed footer."""
+    footer_allowed: bool
+    """A footer may follow the answer: `annotate`, and the request did not ask for a JSON answer
+    (`response_format`). Whether the answer really gets one is decided from the answer itself (finish_reason
+    `stop`, no tool calls): a request's `tools` say nothing, Open-WebUI offers its built-in tools on every chat."""
     wants_usage: bool
     """The client itself asked for `stream_options.include_usage`. When False the proxy must drop the usage it
     forced on (`chunks.without_usage`)."""
@@ -78,23 +82,24 @@ def parse_request(raw: bytes, endpoint: Endpoint, headers: Mapping[str, str] | N
     if options is not None and not isinstance(options, dict):
         _bad(f"The stream_options parameter must be an object, got {_json_type(options)}.", "stream_options")
     streaming = stream is True and endpoint != "embedding"
+    annotate = annotations_allowed(endpoint, headers)
     return ClientRequest(
         raw=raw,
         body=body,
         endpoint=endpoint,
         model=model,
         stream=streaming,
-        annotate=annotations_allowed(body, endpoint, headers),
+        annotate=annotate,
+        footer_allowed=annotate and not asks_for_json(body),
         wants_usage=streaming and isinstance(options, dict) and options.get("include_usage") is True,
     )
 
 
-def annotations_allowed(body: Mapping[str, Any], endpoint: Endpoint, headers: Mapping[str, str] | None) -> bool:
-    """Whether the router may inject text into the answer to this request.
+def annotations_allowed(endpoint: Endpoint, headers: Mapping[str, str] | None) -> bool:
+    """Whether the router may inject text into the answer to this request at all.
 
-    Not for embeddings; not when the client said `X-LLM-Router-Annotate: off`; not when the answer may be
-    structured: `tools`, `tool_choice`, `functions` or `function_call` present (any value but null, even an empty
-    list: when in doubt stay out), or a `response_format` other than `{"type": "text"}`.
+    Not for embeddings, and not when the client said `X-LLM-Router-Annotate: off`. The request's `tools` do not
+    count: what the answer is (a tool call, a JSON document) decides the footer, see `ClientRequest.footer_allowed`.
     """
     if endpoint == "embedding":
         return False
@@ -102,12 +107,18 @@ def annotations_allowed(body: Mapping[str, Any], endpoint: Endpoint, headers: Ma
         value = _header(headers, ANNOTATE_HEADER)
         if value is not None and value.strip().lower() in _OFF_VALUES:
             return False
-    if any(body.get(key) is not None for key in _STRUCTURED_KEYS):
-        return False
+    return True
+
+
+def asks_for_json(body: Mapping[str, Any]) -> bool:
+    """The answer must be a JSON document: any `response_format` but absent, null or `{"type": "text"}`.
+
+    Text after a JSON document would break the client's parser, so such an answer never gets a footer.
+    """
     response_format = body.get("response_format")
     if response_format is None:
-        return True
-    return isinstance(response_format, Mapping) and response_format.get("type") == "text"
+        return False
+    return not (isinstance(response_format, Mapping) and response_format.get("type") == "text")
 
 
 def _parse_json_object(raw: bytes) -> dict[str, Any]:

@@ -11,6 +11,10 @@ Sources, best first:
      200 tok/s). The footer still shows N tokens and the interval, so N/seconds can differ from the rate shown
      in the last digit. Needs N >= 2.
    - non-streaming: N over the whole request's wall time, prefill and any queueing included: a lower bound.
+
+Prompt processing speed, for the `prompt_token/s` Open-WebUI shows: llama-server `timings.prompt_per_second`,
+TabbyAPI `usage.prompt_tokens_per_sec`, else (streaming only) `usage.prompt_tokens` over the time from sending the
+request to the first event with text (prefill plus one decode step and any queueing in the engine: a lower bound).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from router_app.annotations import speed_footer
@@ -45,6 +49,8 @@ class Speed:
     seconds: float
     tokens_per_second: float
     source: str
+    prompt_tokens_per_second: float | None = None
+    """Prompt processing speed, when the engine reports it or the stream's clock can tell."""
 
     def footer(self) -> str:
         """The text to append to the answer: `\\n\\n⚡ 23.4 tok/s (512 tokens in 21.9s)`."""
@@ -59,14 +65,29 @@ class Speed:
             HEADER_SPEED_SOURCE: self.source,
         }
 
-    def usage_extras(self) -> dict[str, Any]:
-        """Keys to merge into the answer's `usage`: `response_token/s` (what Open-WebUI shows) and the raw figures."""
-        return {
-            "response_token/s": round(self.tokens_per_second, 2),
-            "generation_tokens": self.tokens,
-            "generation_seconds": round(self.seconds, 3),
-            "speed_source": self.source,
-        }
+    def usage_extras(self, total_seconds: float | None = None) -> dict[str, Any]:
+        """Keys to merge into the answer's `usage`, in the shape Open-WebUI shows in its info tooltip (Ollama's:
+        `response_token/s`, `prompt_token/s`, `approximate_total` of the whole request, switch included), and the
+        raw figures behind them."""
+        extras: dict[str, Any] = {"response_token/s": round(self.tokens_per_second, 2)}
+        if self.prompt_tokens_per_second is not None:
+            extras["prompt_token/s"] = round(self.prompt_tokens_per_second, 2)
+        if total_seconds is not None:
+            extras["approximate_total"] = approximate_total(total_seconds)
+        extras.update(
+            {
+                "generation_tokens": self.tokens,
+                "generation_seconds": round(self.seconds, 3),
+                "speed_source": self.source,
+            }
+        )
+        return extras
+
+
+def approximate_total(seconds: float) -> str:
+    """A duration as Open-WebUI writes Ollama's `approximate_total`: whole seconds, `0h1m5s`."""
+    whole = max(0, int(seconds))
+    return f"{whole // 3600}h{whole % 3600 // 60}m{whole % 60}s"
 
 
 class SpeedMeter:
@@ -78,9 +99,11 @@ class SpeedMeter:
     `now` is any monotonic clock in seconds (`time.monotonic()`); the meter never reads a clock itself.
     """
 
-    __slots__ = ("_first_text_at", "_last_text_at", "_timings", "_usage")
+    __slots__ = ("_first_text_at", "_last_text_at", "_sent_at", "_timings", "_usage")
 
-    def __init__(self) -> None:
+    def __init__(self, sent_at: float | None = None) -> None:
+        """`sent_at`: when the request went to the engine (same clock as `now`), for the prompt speed."""
+        self._sent_at = sent_at
         self._first_text_at: float | None = None
         self._last_text_at: float | None = None
         self._timings: Mapping[str, Any] | None = None
@@ -105,8 +128,14 @@ class SpeedMeter:
     def result(self) -> Speed | None:
         """The speed from the best source available, or None when nothing exact is known."""
         speed = _engine_speed(self._timings, self._usage)
-        if speed is not None:
+        if speed is None:
+            speed = self._clock_speed()
+        if speed is None or speed.prompt_tokens_per_second is not None:
             return speed
+        prompt_rate = self._clock_prompt_rate()
+        return speed if prompt_rate is None else replace(speed, prompt_tokens_per_second=prompt_rate)
+
+    def _clock_speed(self) -> Speed | None:
         tokens = _count(self._usage, "completion_tokens")
         if tokens is None or tokens < 2 or self._first_text_at is None or self._last_text_at is None:
             return None
@@ -114,6 +143,13 @@ class SpeedMeter:
         if seconds <= 0:
             return None
         return Speed(tokens, seconds, (tokens - 1) / seconds, USAGE_AND_STREAM_CLOCK)
+
+    def _clock_prompt_rate(self) -> float | None:
+        prompt_tokens = _count(self._usage, "prompt_tokens")
+        if prompt_tokens is None or prompt_tokens < 1 or self._sent_at is None or self._first_text_at is None:
+            return None
+        seconds = self._first_text_at - self._sent_at
+        return prompt_tokens / seconds if seconds > 0 else None
 
 
 def speed_from_response(body: Mapping[str, Any], wall_seconds: float) -> Speed | None:
@@ -140,7 +176,7 @@ def _engine_speed(timings: Mapping[str, Any] | None, usage: Mapping[str, Any] | 
             if rate is None or rate <= 0:
                 # Same convention as llama-server's own figure: predicted_ms spans the decoding of n-1 tokens.
                 rate = (tokens - 1 if tokens > 1 else 1) * 1000 / ms
-            return Speed(tokens, ms / 1000, rate, LLAMACPP_TIMINGS)
+            return Speed(tokens, ms / 1000, rate, LLAMACPP_TIMINGS, _llamacpp_prompt_rate(timings))
     if usage is not None:
         rate = _number(usage, "completion_tokens_per_sec")
         tokens = _count(usage, "completion_tokens")
@@ -148,8 +184,21 @@ def _engine_speed(timings: Mapping[str, Any] | None, usage: Mapping[str, Any] | 
             seconds = _number(usage, "completion_time")
             if seconds is None or seconds <= 0:
                 seconds = tokens / rate
-            return Speed(tokens, seconds, rate, TABBYAPI_USAGE)
+            return Speed(tokens, seconds, rate, TABBYAPI_USAGE, _positive(_number(usage, "prompt_tokens_per_sec")))
     return None
+
+
+def _llamacpp_prompt_rate(timings: Mapping[str, Any]) -> float | None:
+    rate = _positive(_number(timings, "prompt_per_second"))
+    if rate is not None:
+        return rate
+    tokens = _count(timings, "prompt_n")
+    ms = _positive(_number(timings, "prompt_ms"))
+    return tokens * 1000 / ms if tokens is not None and tokens > 0 and ms is not None else None
+
+
+def _positive(value: float | None) -> float | None:
+    return value if value is not None and value > 0 else None
 
 
 def _number(data: Mapping[str, Any], key: str) -> float | None:

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.e2e.conftest import DEFAULT_MODELS, ModelSpec, RouterEnv
+from tests.e2e.conftest import DEFAULT_MODELS, ModelSpec, RouterEnv, StreamResult
 
 FOOTER = re.compile(r"\n\n⚡ \d+\.\d tok/s \(\d+ tokens? in \d+\.\ds\)$")
 
@@ -74,8 +74,6 @@ def test_completions_stream_and_embeddings_are_routed(router: RouterEnv) -> None
         with client.stream(
             "POST", "/v1/completions", json={"model": "sg", "prompt": "once [[tokens:4]]", "stream": True}
         ) as response:
-            from tests.e2e.conftest import StreamResult
-
             result = StreamResult.read(response)
         embedding = client.post("/v1/embeddings", json={"model": "llama-b", "input": "hello"})
     assert result.done and not result.errors
@@ -89,24 +87,24 @@ def test_completions_stream_and_embeddings_are_routed(router: RouterEnv) -> None
     assert router.events("llama-b", "request")[-1]["path"] == "/v1/embeddings"
 
 
-def test_no_text_injected_for_tools_response_format_or_opt_out(router: RouterEnv) -> None:
+def test_annotations_follow_the_answer_not_the_request(router: RouterEnv) -> None:
+    # Open-WebUI offers its built-in tools on every chat: a plain answer still gets its status and its footer.
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    cases = [
-        {"tools": tools},
-        {"response_format": {"type": "json_object"}},
-        {"headers": {"X-LLM-Router-Annotate": "off"}},
+    cases: list[tuple[dict[str, Any], bool, bool]] = [
+        ({"tools": tools, "tool_choice": "auto"}, True, True),
+        ({"response_format": {"type": "json_object"}}, True, False),
+        ({"headers": {"X-LLM-Router-Annotate": "off"}}, False, False),
     ]
-    for i, extra in enumerate(cases):
+    for i, (extra, status, footer) in enumerate(cases):
         model = ["llama-a", "llama-b", "sg"][i]  # each one needs a switch
         headers = extra.pop("headers", None)
         body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "[[tokens:3]]"}], **extra}
         with router.client() as client, client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
-            from tests.e2e.conftest import StreamResult
-
             result = StreamResult.read(r)
         assert result.done and not result.errors
-        assert result.text() == "tok1 tok2 tok3", (extra, result.text())
-        assert not result.text("reasoning_content")
+        assert result.text().startswith("tok1 tok2 tok3"), (extra, result.text())
+        assert bool(FOOTER.search(result.text())) is footer, (extra, result.text())
+        assert result.text("reasoning_content").startswith("🔀 Switching to ") is status, extra
 
 
 def test_injected_text_is_removed_from_history_before_the_engine_sees_it(router: RouterEnv) -> None:

@@ -11,7 +11,10 @@ import pytest
 from router_app.chunks import (
     ChunkFactory,
     append_footer,
+    carries_tool_calls,
     encode_stream_error,
+    finish_reason,
+    footer_fits,
     needs_inspection,
     split_finish_chunk,
     without_usage,
@@ -299,3 +302,36 @@ def test_append_footer_completion() -> None:
 )
 def test_append_footer_leaves_structured_or_odd_bodies_alone(body: dict[str, Any]) -> None:
     assert append_footer(body, "F") == body
+
+
+@pytest.mark.parametrize("reason", ["length", "tool_calls", "content_filter", None])
+def test_append_footer_only_after_a_normal_stop(reason: str | None) -> None:
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": reason}]}
+    assert append_footer(body, "F") == body
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"delta":{"tool_calls":[{"index":0,"id":"c"}]}}', True),
+        (b'{"delta":{"tool_calls": [ {"index":0}]}}', True),
+        (b'{"delta":{"content":"x","tool_calls":null}}', False),
+        (b'{"delta":{"tool_calls":[]}}', False),
+        (b'{"delta":{"tool_calls": []}}', False),
+        (b'{"delta":{"content":"the key \\"tool_calls\\":[1] in text"}}', False),
+        (b'{"delta":{"tool_calls":null},"x":{"tool_calls":[{"id":"c"}]}}', True),
+        (b'{"delta":{"content":"x"}}', False),
+    ],
+)
+def test_carries_tool_calls(raw: bytes, expected: bool) -> None:
+    assert carries_tool_calls(raw) is expected
+
+
+@pytest.mark.parametrize(
+    ("reason", "tool_calls", "fits"),
+    [("stop", False, True), ("stop", True, False), ("tool_calls", False, False), ("length", False, False)],
+)
+def test_footer_fits_only_a_plain_answer_that_stopped(reason: str, tool_calls: bool, fits: bool) -> None:
+    assert footer_fits(reason, tool_calls) is fits
+    assert finish_reason({"choices": [{"index": 0, "finish_reason": reason}]}) == reason
+    assert finish_reason({"choices": [{"index": 0, "finish_reason": None}]}) is None

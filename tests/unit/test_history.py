@@ -139,3 +139,88 @@ def test_cleaned_body_serialises_with_identical_strings() -> None:
     answer = 'Ünïcödé ⚡ answer\twith "quotes"'
     cleaned, _ = clean_history(conversation(STATUS + answer + FOOTER))
     assert json.dumps(cleaned, ensure_ascii=False) == json.dumps(conversation(answer), ensure_ascii=False)
+
+
+def details(reasoning: str, quote: str = "> ") -> str:
+    """An assistant's reasoning as Open-WebUI before 0.12 stored it in the content (utils/middleware.py)."""
+    body = "\n".join(quote + line for line in reasoning.splitlines())
+    head = '\n<details type="reasoning" done="true" duration="21">\n<summary>Thought for 21 seconds</summary>\n'
+    return f"{head}{body}\n</details>\n"
+
+
+@pytest.mark.parametrize("quote", ["> ", "&gt; ", ">"])
+def test_details_block_of_only_status_lines_is_removed(quote: str) -> None:
+    cleaned, changed = clean_history(conversation(details(STATUS, quote) + "Hello!" + FOOTER))
+    assert changed
+    assert cleaned["messages"][2]["content"] == "\nHello!"
+
+
+def test_details_block_starting_with_status_keeps_the_models_reasoning() -> None:
+    sent = conversation(details(STATUS + "I think ✅\nso I answer") + "Hello!")
+    cleaned, changed = clean_history(sent)
+    assert changed
+    assert cleaned["messages"][2]["content"] == details("I think ✅\nso I answer") + "Hello!"
+
+
+@pytest.mark.parametrize(
+    "reasoning",
+    [
+        "The model's own thoughts ⚡ ✅",
+        "✅ Llama ready in the morning",  # resembles a final line, is not one
+        switching_line("Qwen 32B") + "and then the model's thoughts, no final line",
+        "thoughts first\n" + STATUS,  # our block only ever starts the reasoning
+    ],
+)
+def test_details_blocks_not_ours_stay_byte_identical(reasoning: str) -> None:
+    body = conversation(details(reasoning) + "answer")
+    assert clean_history(body) == (body, False)
+
+
+def task_prompt(history: str) -> str:
+    """An Open-WebUI task prompt (open_webui/config.py templates, utils/misc.py get_messages_content)."""
+    return (
+        "### Task:\nGenerate a concise title. ⚡ Be quick.\n### Chat History:\n"
+        f"<chat_history>\n{history}\n</chat_history>\n" + FOOTER
+    )
+
+
+def test_task_prompt_history_is_cleaned_in_assistant_turns_only() -> None:
+    user_turn = "USER: " + STATUS + "I pasted this" + FOOTER
+    sent_history = (
+        f"{user_turn}\nASSISTANT: {(STATUS + 'first answer' + FOOTER).strip()}\n"
+        f"USER: thanks\nASSISTANT: second answer{FOOTER}"
+    )
+    expected_history = f"{user_turn}\nASSISTANT: first answer\nUSER: thanks\nASSISTANT: second answer"
+    for content in (task_prompt(sent_history), [{"type": "text", "text": task_prompt(sent_history)}]):
+        body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+        cleaned, changed = clean_history(body)
+        assert changed
+        got = cleaned["messages"][0]["content"]
+        text = got if isinstance(got, str) else got[0]["text"]
+        assert text == task_prompt(expected_history), "outside <chat_history> and user turns stay as they were"
+
+
+def test_task_prompt_status_only_answer_and_multiline_answers() -> None:
+    sent = f"USER: q\nASSISTANT: {STATUS.strip()}\nUSER: q2\nASSISTANT: line 1\nline 2 ✅ done{FOOTER}"
+    body = {"model": "m", "messages": [{"role": "user", "content": task_prompt(sent)}]}
+    cleaned, _ = clean_history(body)
+    expected = "USER: q\nASSISTANT: \nUSER: q2\nASSISTANT: line 1\nline 2 ✅ done"
+    assert cleaned["messages"][0]["content"] == task_prompt(expected)
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        "USER: q\nASSISTANT: ⚡ 23.4 tok/s is fast, said the model",  # resembles a footer, is not one
+        "USER: q\nASSISTANT: speed was\n⚡ 23.4 tok/s (512 tokens in 21.9s)",  # one newline: not our paragraph
+        "USER: q\nASSISTANT: 🔀 Switching to plan B\nthen more",  # no closing line: the model's text
+    ],
+)
+def test_task_prompt_text_that_resembles_ours_stays(history: str) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": task_prompt(history)}]}
+    assert clean_history(body) == (body, False)
+
+
+def test_user_text_without_a_task_section_is_never_touched() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "ASSISTANT: x" + FOOTER + "<chat_history>"}]}
+    assert clean_history(body) == (body, False)

@@ -31,8 +31,12 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
 TIMINGS = {"predicted_n": 4, "predicted_ms": 100.0, "predicted_per_second": 40.0, "prompt_n": 3, "prompt_ms": 5.0}
 
 
-def run(stream: list[bytes], *, footer: bool = True, wants_usage: bool = False) -> tuple[bytes, StreamRelay]:
-    relay = StreamRelay(ChunkFactory("m"), footer=footer, client_wants_usage=wants_usage)
+def run(
+    stream: list[bytes], *, footer: bool = True, wants_usage: bool = False, received_at: float | None = None
+) -> tuple[bytes, StreamRelay]:
+    relay = StreamRelay(
+        ChunkFactory("m"), footer=footer, client_wants_usage=wants_usage, sent_at=0.0, received_at=received_at
+    )
     decoder = SSEDecoder()
     out = b""
     clock = 0.0
@@ -85,15 +89,62 @@ def test_tokens_pass_through_byte_for_byte_and_footer_precedes_finish() -> None:
     assert relay.finished and relay.saw_finish
 
 
-def test_usage_kept_for_a_client_that_asked() -> None:
-    events = parse(run(LLAMA_CHAT, wants_usage=True)[0])
+def test_usage_kept_for_a_client_that_asked_with_open_webui_speed_keys() -> None:
+    events = parse(run(LLAMA_CHAT, wants_usage=True, received_at=-65.0)[0])
     usage_chunks = [e for e in events if isinstance(e, dict) and e.get("usage")]
     assert len(usage_chunks) == 1 and usage_chunks[0]["choices"] == [] and usage_chunks[0]["timings"] == TIMINGS
+    usage = usage_chunks[0]["usage"]
+    assert {k: usage[k] for k in USAGE} == USAGE, "the engine's figures stay as they were"
+    assert usage["response_token/s"] == 40.0
+    assert usage["prompt_token/s"] == 600.0  # llama-server's prompt_n / prompt_ms
+    assert usage["approximate_total"] == "0h1m5s"  # from the router receiving the request, a switch included
 
 
-def test_no_footer_when_off_and_everything_else_unchanged() -> None:
+def test_no_footer_when_off_and_every_other_byte_unchanged() -> None:
     out, _ = run(LLAMA_CHAT, footer=False, wants_usage=True)
-    assert out == b"".join(LLAMA_CHAT)
+    assert out.startswith(b"".join(LLAMA_CHAT[:5]))
+    assert out.endswith(LLAMA_CHAT[-1])
+    usage_event = parse(out)[-2]
+    assert set(usage_event["usage"]) > set(USAGE), "only keys were added to usage"
+    assert "⚡" not in out.decode()
+
+
+def tool_call_stream(finish: str) -> list[bytes]:
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": ""}}
+    args = {"index": 0, "function": {"arguments": "{}"}}
+    return [
+        event(chat_chunk(None, tool_calls=None)),
+        event({**chat_chunk(), "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]}),
+        event({**chat_chunk(), "choices": [{"index": 0, "delta": {"tool_calls": [args]}, "finish_reason": None}]}),
+        event(chat_chunk(None, finish)),
+        event({**chat_chunk(), "choices": [], "usage": USAGE, "timings": TIMINGS}),
+        b"data: [DONE]\n\n",
+    ]
+
+
+def test_a_tool_call_answer_gets_no_footer_and_passes_unchanged() -> None:
+    # finish_reason "tool_calls" (vLLM, SGLang) and "stop" with tool calls (some llama-server versions) alike.
+    for finish in ("tool_calls", "stop"):
+        stream = tool_call_stream(finish)
+        out, relay = run(stream)
+        assert "⚡" not in out.decode()
+        assert out.startswith(b"".join(stream[:4])), "nothing held back or reshaped before the usage"
+        assert relay.saw_tool_calls and relay.finished
+
+
+def test_a_cut_answer_gets_no_footer() -> None:
+    stream = [*LLAMA_CHAT[:4], event(chat_chunk(None, "length")), *LLAMA_CHAT[5:]]
+    out, _ = run(stream)
+    assert "⚡" not in out.decode()
+    assert out.startswith(b"".join(stream[:5]))
+
+
+def test_null_or_empty_tool_calls_do_not_count() -> None:
+    stream = [event(chat_chunk("Hi", tool_calls=None)), *LLAMA_CHAT[1:]]
+    stream[0] = stream[0].replace(b'"tool_calls":null', b'"tool_calls": []')
+    out, relay = run(stream)
+    assert not relay.saw_tool_calls
+    assert "⚡ 40.0 tok/s" in out.decode()
 
 
 def test_sglang_usage_after_finish_gives_clock_based_speed() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from router_app.annotations import speed_footer
 from router_app.errors import OpenAIError
-from router_app.requests import ANNOTATE_HEADER, Endpoint, annotations_allowed, parse_request
+from router_app.requests import ANNOTATE_HEADER, Endpoint, annotations_allowed, asks_for_json, parse_request
 
 
 def raw(body: Any) -> bytes:
@@ -123,28 +123,37 @@ def test_completion_prompt_is_never_rewritten() -> None:
 
 
 @pytest.mark.parametrize(
-    ("extra", "allowed"),
+    ("extra", "footer"),
     [
         ({}, True),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, False),
-        ({"tools": []}, False),
-        ({"tools": None}, True),
-        ({"tool_choice": "auto"}, False),
-        ({"tool_choice": "none"}, False),
-        ({"functions": [{"name": "f"}]}, False),
-        ({"function_call": "auto"}, False),
+        # Open-WebUI offers its built-in tools on every chat: tools in the request decide nothing.
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, True),
+        ({"tools": []}, True),
+        ({"tool_choice": "auto"}, True),
+        ({"functions": [{"name": "f"}]}, True),
+        ({"function_call": "auto"}, True),
+        # A JSON answer must stay a JSON document.
         ({"response_format": {"type": "json_object"}}, False),
         ({"response_format": {"type": "json_schema", "json_schema": {}}}, False),
+        ({"response_format": "json"}, False),
         ({"response_format": {"type": "text"}}, True),
         ({"response_format": None}, True),
-        ({"response_format": "json"}, False),
         ({"temperature": 0.2, "max_tokens": 10}, True),
     ],
 )
-def test_annotation_decision_from_body(extra: dict[str, Any], allowed: bool) -> None:
+def test_status_always_footer_unless_json_is_asked_for(extra: dict[str, Any], footer: bool) -> None:
     body = {"model": "m", "messages": [], **extra}
-    assert annotations_allowed(body, "chat", None) is allowed
-    assert parse_request(raw(body), "chat").annotate is allowed
+    request = parse_request(raw(body), "chat")
+    assert request.annotate
+    assert request.footer_allowed is footer
+    assert asks_for_json(body) is not footer
+
+
+def test_annotate_off_turns_the_footer_off_too() -> None:
+    request = parse_request(raw({"model": "m"}), "chat", {ANNOTATE_HEADER: "off"})
+    assert not request.annotate
+    assert not request.footer_allowed
+    assert not annotations_allowed("chat", {ANNOTATE_HEADER: "off"})
 
 
 @pytest.mark.parametrize(

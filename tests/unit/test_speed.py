@@ -16,6 +16,7 @@ from router_app.speed import (
     USAGE_AND_STREAM_CLOCK,
     Speed,
     SpeedMeter,
+    approximate_total,
     speed_from_response,
 )
 from router_app.sse import SSEDecoder
@@ -62,7 +63,7 @@ DONE = b"data: [DONE]\n\n"
 
 def test_llama_server_timings_win() -> None:
     speed = run_stream([(0.0, token_event("a")), (9.0, token_event("b")), (9.1, LLAMA_FINISH), (9.1, LLAMA_USAGE)])
-    assert speed == Speed(512, 21.9, 23.378995433789953, LLAMACPP_TIMINGS)
+    assert speed == Speed(512, 21.9, 23.378995433789953, LLAMACPP_TIMINGS, prompt_tokens_per_second=249.7)
     assert speed.footer() == "\n\n⚡ 23.4 tok/s (512 tokens in 21.9s)"
 
 
@@ -90,7 +91,9 @@ REAL_LLAMA_TAIL = (
 
 def test_real_llama_server_tail() -> None:
     speed = run_stream([(0.0, token_event("a")), (0.6, token_event("b")), (0.7, REAL_LLAMA_TAIL)])
-    assert speed == Speed(32, 0.667193, 46.46331721106186, LLAMACPP_TIMINGS)
+    assert speed is not None
+    assert (speed.tokens, speed.seconds, speed.tokens_per_second) == (32, 0.667193, 46.46331721106186)
+    assert speed.prompt_tokens_per_second is not None
     assert speed.footer() == "\n\n⚡ 46.5 tok/s (32 tokens in 0.7s)"
 
 
@@ -103,7 +106,7 @@ def test_latest_timings_win_over_per_token_timings() -> None:
 
 def test_tabbyapi_usage_on_a_chunk_with_choices() -> None:
     speed = run_stream([(0.0, token_event("a")), (5.0, token_event("b")), (5.0, TABBY_FINAL), (5.0, DONE)])
-    assert speed == Speed(100, 2.5, 40.0, TABBYAPI_USAGE)
+    assert speed == Speed(100, 2.5, 40.0, TABBYAPI_USAGE, prompt_tokens_per_second=200.0)
     assert speed.footer() == "\n\n⚡ 40.0 tok/s (100 tokens in 2.5s)"
 
 
@@ -124,6 +127,32 @@ def test_sglang_usage_with_stream_clock_uses_n_minus_one() -> None:
     assert speed.seconds == pytest.approx(1.0)  # first text at 1.0, last at 2.0: the role chunk does not count
     assert speed.tokens_per_second == pytest.approx(10.0)  # 10 intervals between 11 tokens
     assert speed.footer() == "\n\n⚡ 10.0 tok/s (11 tokens in 1.0s)"
+    assert speed.prompt_tokens_per_second is None  # the meter was not told when the request went out
+
+
+def test_sglang_prompt_speed_from_the_stream_clock() -> None:
+    meter = SpeedMeter(sent_at=0.5)
+    meter.observe_event(token_event("a"), 0.9)
+    meter.observe_event(token_event("b"), 1.9)
+    meter.observe_chunk(json.loads(SGLANG_USAGE.removeprefix(b"data: ")))
+    speed = meter.result()
+    assert speed is not None
+    assert speed.prompt_tokens_per_second == pytest.approx(20 / 0.4)  # 20 prompt tokens, first text 0.4 s after
+
+
+def test_llama_prompt_speed_computed_when_the_rate_is_missing() -> None:
+    meter = SpeedMeter(sent_at=0.0)
+    meter.observe_chunk({"timings": {"predicted_n": 10, "predicted_ms": 1000, "prompt_n": 50, "prompt_ms": 250}})
+    speed = meter.result()
+    assert speed is not None
+    assert speed.prompt_tokens_per_second == pytest.approx(200.0)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0, "0h0m0s"), (4.99, "0h0m4s"), (65.2, "0h1m5s"), (3725, "1h2m5s"), (-1, "0h0m0s")]
+)
+def test_approximate_total_in_open_webui_format(seconds: float, text: str) -> None:
+    assert approximate_total(seconds) == text
 
 
 def test_text_events_are_recognised_in_every_field() -> None:
@@ -227,6 +256,15 @@ def test_headers_and_usage_extras() -> None:
     }
     assert speed.usage_extras() == {
         "response_token/s": 23.38,
+        "generation_tokens": 512,
+        "generation_seconds": 21.9,
+        "speed_source": "llamacpp-timings",
+    }
+    with_prompt = Speed(512, 21.9, 23.378995, LLAMACPP_TIMINGS, prompt_tokens_per_second=249.666)
+    assert with_prompt.usage_extras(total_seconds=47.3) == {
+        "response_token/s": 23.38,
+        "prompt_token/s": 249.67,
+        "approximate_total": "0h0m47s",
         "generation_tokens": 512,
         "generation_seconds": 21.9,
         "speed_source": "llamacpp-timings",
