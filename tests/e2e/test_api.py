@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
@@ -202,3 +203,46 @@ def test_sigterm_lets_running_streams_finish(router: RouterEnv) -> None:
     assert result.done and not result.errors, result.raw[-300:]
     assert "tok20" in result.text()
     assert router.process.wait(15) == 0
+
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
+    },
+}
+
+
+def test_tool_call_round_trip_gets_status_and_no_footer_then_a_footer_on_the_text(router_factory) -> None:  # type: ignore[no-untyped-def]
+    router: RouterEnv = router_factory(footer_non_streaming=True)
+    for model in ("llama-a", "sg", "tabby"):
+        question = {"role": "user", "content": "what time is it? [[tool:get_time]]"}
+        body = {"model": model, "stream": True, "messages": [question], "tools": [TOOL]}
+        with router.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as r:
+            call = StreamResult.read(r)
+        assert call.done and not call.errors, call.raw
+        assert call.text("reasoning_content").startswith("🔀 Switching to "), "the load is shown next to tools"
+        assert "⚡" not in call.raw, f"{model}: a tool call gets no footer"
+        finishes = [c["choices"][0]["finish_reason"] for c in call.chunks if c.get("choices")]
+        assert finishes[-1] == "tool_calls", (model, finishes)
+        deltas = [c["choices"][0]["delta"].get("tool_calls") for c in call.chunks if c.get("choices")]
+        parts = [part for delta in deltas if delta for part in delta]
+        assert parts[0]["function"]["name"] == "get_time" and parts[0]["id"]
+        arguments = "".join(p["function"].get("arguments") or "" for p in parts)
+        assert json.loads(arguments) == {"zone": ""}, "the call's arguments arrive intact"
+        tool_call = {"id": parts[0]["id"], "type": "function", "function": {"name": "get_time", "arguments": arguments}}
+        messages = [
+            question,
+            {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+            {"role": "tool", "tool_call_id": parts[0]["id"], "content": "12:00 [[tokens:3]]"},
+        ]
+        follow_up = {"model": model, "stream": True, "messages": messages, "tools": [TOOL]}
+        with router.client() as client, client.stream("POST", "/v1/chat/completions", json=follow_up) as r:
+            answer = StreamResult.read(r)
+        assert answer.done and not answer.errors
+        assert FOOTER.search(answer.text()), f"{model}: the plain answer after the tool result shows its speed"
+        with router.client() as client:
+            plain = client.post("/v1/chat/completions", json={**body, "stream": False}).json()
+        assert plain["choices"][0]["finish_reason"] == "tool_calls"
+        assert plain["choices"][0]["message"]["content"] is None, "non-streaming tool calls are never touched"
