@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv lint test test-unit test-e2e test-molecule test-real demo demo-down bench clean
+.PHONY: venv lint test test-unit test-e2e test-openwebui test-molecule test-real demo demo-down bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ venv: $(BIN)/.installed
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check router_app
+	$(BIN)/ruff format --check router_app tests/openwebui
 	$(BIN)/mypy
 	$(BIN)/ansible-lint --profile production -q roles playbooks molecule
 
@@ -26,6 +26,12 @@ test-unit: venv
 
 test-e2e: venv
 	$(BIN)/pytest -q tests/e2e
+
+# The real Open-WebUI (its own venv, cached under /var/cache/llm-router) in Debian's Chromium (apt: chromium
+# fonts-noto-color-emoji); screenshots in LLM_ROUTER_TEST_RESULTS (default /var/cache/llm-router/test-results/openwebui).
+test-openwebui: venv
+	scripts/openwebui-venv >/dev/null
+	$(BIN)/pytest -q tests/openwebui
 
 # The role in a systemd-nspawn box with real systemd (needs root).
 test-molecule: venv
@@ -44,9 +50,11 @@ demo-down:
 bench: venv
 	$(BIN)/python bench/switch_bench.py
 
-# The whole suite, what .ci/run calls: lint, molecule, the demo (with its smoke check), then one pytest run over
-# unit, end-to-end and real-engine tests (the real-engine tests use the demo, which stays up: `make demo-down`).
+# The whole suite, what .ci/run calls: lint, molecule, the demo (with its smoke check), Open-WebUI's venv (a few
+# minutes once, cached), then one pytest run over unit, end-to-end, Open-WebUI and real-engine tests (the
+# real-engine tests use the demo, which stays up: `make demo-down`).
 test: lint test-molecule demo
+	scripts/openwebui-venv >/dev/null
 	$(BIN)/pytest -q tests
 
 clean:
