@@ -9,6 +9,7 @@ Screenshots (and the routers', engines' and Open-WebUI's logs) go to $LLM_ROUTER
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +64,21 @@ def results() -> Path:
     shutil.rmtree(path / "logs", ignore_errors=True)
     _results_used.append(path)
     return path
+
+
+@pytest.fixture(scope="package", autouse=True)
+def teardown_on_sigterm() -> Iterator[None]:
+    """A CI timeout's SIGTERM tears the fixtures down (KeyboardInterrupt) instead of leaving Open-WebUI, the
+    routers and the engines running on their ports."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="package")
