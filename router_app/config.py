@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ STATUS_CHANNELS = ("reasoning", "content", "none")
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 UNIT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]*\.service$")
 URL_PATTERN = re.compile(r"^https?://[^/\s:]+(:\d{1,5})?/?$")
+DEFAULT_RESOURCES: Mapping[str, float] = {"gpu": 1.0}
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,14 @@ class ModelConfig:
     unit: str
     name: str
     load_timeout: float
+    url: str | None = None
+    """This model's own engine URL; None: its backend's."""
+    needs: Mapping[str, float] | None = None
+    """Resources it holds while its unit runs; None: every resource at full capacity (one engine at a time)."""
+    idle_unload: float | None = None
+    """Seconds idle before its unit is stopped (0 = never); None: config.yml's `idle_unload`."""
+    preload: bool = False
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,9 +84,31 @@ class RouterConfig:
     shutdown_grace: float = 60.0
     backends: Mapping[str, BackendConfig] = field(default_factory=dict)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    resources: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    idle_unload: float = 0.0
+    current_alias: str | None = None
 
     def units(self) -> list[str]:
         return [m.unit for m in self.models.values()]
+
+    def engine(self, model: ModelConfig) -> BackendConfig:
+        """The backend settings of this model's engine, with its own URL."""
+        backend = self.backends[model.backend]
+        return backend if model.url is None or model.url == backend.url else replace(backend, url=model.url)
+
+    def needs(self, model: ModelConfig) -> dict[str, float]:
+        return dict(self.resources) if model.needs is None else dict(model.needs)
+
+    def idle_unload_of(self, model: ModelConfig) -> float:
+        return self.idle_unload if model.idle_unload is None else model.idle_unload
+
+    def fits(self, held: list[dict[str, float]]) -> bool:
+        """Whether resources held together stay within every capacity."""
+        return all(sum(n.get(name, 0.0) for n in held) <= capacity + 1e-9 for name, capacity in self.resources.items())
+
+    def alias_targets(self) -> dict[str, str]:
+        """Every alias a client may send, with the model id it stands for."""
+        return {alias: model.id for model in self.models.values() for alias in model.aliases}
 
 
 class ConfigError(Exception):
@@ -147,6 +178,14 @@ def _type_name(t: type) -> str:
 
 def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be greater than 0"
+
+
+def _not_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def _check_url(value: str) -> str | None:
+    return None if URL_PATTERN.match(value) else f"must be http(s)://HOST:PORT without a path, got {value!r}"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -225,6 +264,9 @@ def parse_config(config_data: Any, models_data: Any, problems: list[str], check_
         "progress_interval",
         "shutdown_grace",
         "backends",
+        "resources",
+        "idle_unload",
+        "current_alias",
     }
     c.unknown_keys(config_data, allowed, "")
     listen = c.get(config_data, "listen", "", (str,), "0.0.0.0:8002", _check_listen)
@@ -248,6 +290,29 @@ def parse_config(config_data: Any, models_data: Any, problems: list[str], check_
     keepalive = c.get(config_data, "keepalive_interval", "", num, defaults.keepalive_interval, _positive)
     progress = c.get(config_data, "progress_interval", "", num, defaults.progress_interval, _positive)
     grace = c.get(config_data, "shutdown_grace", "", num, defaults.shutdown_grace, _positive)
+    resources: dict[str, float] = {}
+    for name, capacity in c.get(config_data, "resources", "", (dict,), dict(DEFAULT_RESOURCES)).items():
+        if not isinstance(name, str) or not name:
+            c.problem(f"resources.{name}", "a resource name must be a non-empty string")
+        elif isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or capacity <= 0:
+            c.problem(f"resources.{name}", f"capacity must be a number greater than 0, got {capacity!r}")
+        else:
+            resources[name] = float(capacity)
+    if not resources:
+        resources = dict(DEFAULT_RESOURCES)
+    idle_unload = c.get(config_data, "idle_unload", "", num, 0.0, _not_negative)
+    current_alias = c.get(
+        config_data,
+        "current_alias",
+        "",
+        (str, type(None)),
+        None,
+        lambda v: (
+            None
+            if v is None or MODEL_ID_PATTERN.match(v)
+            else "must be a model id: letters, digits, '.', '_', ':', '-'"
+        ),
+    )
 
     backends: dict[str, BackendConfig] = {}
     raw_backends = c.get(config_data, "backends", "", (dict,), {})
@@ -269,14 +334,16 @@ def parse_config(config_data: Any, models_data: Any, problems: list[str], check_
             f"{key}.",
             (str,),
             None,
-            lambda v: None if URL_PATTERN.match(v) else f"must be http(s)://HOST:PORT without a path, got {v!r}",
+            _check_url,
         )
         warmup = c.get(raw, "warmup", f"{key}.", (bool,), kind == "tabbyapi")
         stop_timeout = c.get(raw, "stop_timeout", f"{key}.", num, 30.0, _positive)
         if url is not None:
             backends[kind] = BackendConfig(kind, url.rstrip("/"), warmup, float(stop_timeout))
 
-    models = _parse_models(models_data, backends, float(load_timeout), problems) if check_models else {}
+    models = _parse_models(models_data, backends, float(load_timeout), resources, problems) if check_models else {}
+    if check_models:
+        _check_together(models, backends, resources, current_alias, float(idle_unload), problems)
     return RouterConfig(
         listen_host=host or "0.0.0.0",
         listen_port=int(port) if port.isdigit() else 8002,
@@ -293,11 +360,18 @@ def parse_config(config_data: Any, models_data: Any, problems: list[str], check_
         shutdown_grace=float(grace),
         backends=backends,
         models=models,
+        resources=resources,
+        idle_unload=float(idle_unload),
+        current_alias=current_alias,
     )
 
 
 def _parse_models(
-    data: Any, backends: Mapping[str, BackendConfig], default_timeout: float, problems: list[str]
+    data: Any,
+    backends: Mapping[str, BackendConfig],
+    default_timeout: float,
+    resources: Mapping[str, float],
+    problems: list[str],
 ) -> dict[str, ModelConfig]:
     c = _Checker(MODELS_FILE, problems)
     if not isinstance(data, dict):
@@ -318,7 +392,11 @@ def _parse_models(
         if not isinstance(raw, dict):
             c.problem(key, f"must be a mapping with 'backend' and 'unit', got {_type_name(type(raw))}")
             continue
-        c.unknown_keys(raw, {"backend", "unit", "name", "load_timeout"}, f"{key}.")
+        c.unknown_keys(
+            raw,
+            {"backend", "unit", "name", "load_timeout", "url", "needs", "idle_unload", "preload", "aliases"},
+            f"{key}.",
+        )
         before = len(problems)
         for required in ("backend", "unit"):
             if required not in raw:
@@ -346,9 +424,95 @@ def _parse_models(
                 unit_owner[unit] = model_id
         name = c.get(raw, "name", f"{key}.", (str,), model_id)
         timeout = c.get(raw, "load_timeout", f"{key}.", (int, float), default_timeout, _positive)
+        url = c.get(raw, "url", f"{key}.", (str,), None, _check_url)
+        needs = _parse_needs(c, raw, key, resources)
+        idle = c.get(raw, "idle_unload", f"{key}.", (int, float), None, _not_negative)
+        preload = c.get(raw, "preload", f"{key}.", (bool,), False)
+        aliases = c.get(raw, "aliases", f"{key}.", (list,), [], _check_aliases)
         if len(problems) == before:
-            models[model_id] = ModelConfig(model_id, backend, unit, name, float(timeout))
+            models[model_id] = ModelConfig(
+                model_id,
+                backend,
+                unit,
+                name,
+                float(timeout),
+                url=None if url is None else url.rstrip("/"),
+                needs=needs,
+                idle_unload=None if idle is None else float(idle),
+                preload=preload,
+                aliases=tuple(aliases),
+            )
     return models
+
+
+def _parse_needs(
+    c: _Checker, raw: Mapping[str, Any], key: str, resources: Mapping[str, float]
+) -> dict[str, float] | None:
+    needs = c.get(raw, "needs", f"{key}.", (dict,), None)
+    if needs is None:
+        return None
+    parsed: dict[str, float] = {}
+    for name, amount in needs.items():
+        where = f"{key}.needs.{name}"
+        if name not in resources:
+            c.problem(where, f"unknown resource (config.yml resources: {', '.join(sorted(resources))})")
+        elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            c.problem(where, f"must be a number, 0 or more, got {amount!r}")
+        elif amount > resources[name]:
+            c.problem(where, f"{amount:g} is more than the capacity of {name!r} ({resources[name]:g})")
+        else:
+            parsed[name] = float(amount)
+    return parsed
+
+
+def _check_aliases(value: list[Any]) -> str | None:
+    for alias in value:
+        if not isinstance(alias, str) or not MODEL_ID_PATTERN.match(alias):
+            return f"each alias must be a model id (letters, digits, '.', '_', ':', '-'), got {alias!r}"
+    return None
+
+
+def _check_together(
+    models: Mapping[str, ModelConfig],
+    backends: Mapping[str, BackendConfig],
+    resources: Mapping[str, float],
+    current_alias: str | None,
+    idle_unload: float,
+    problems: list[str],
+) -> None:
+    """The rules that concern several models at once: names, shared engine URLs, preload."""
+    c = _Checker(MODELS_FILE, problems)
+    probe = RouterConfig(backends=backends, models=models, resources=resources, idle_unload=idle_unload)
+    owner: dict[str, str] = {model_id: model_id for model_id in models}
+    for model in models.values():
+        for alias in model.aliases:
+            if alias in owner:
+                other = owner[alias]
+                what = "a model id" if other == alias else f"already an alias of {other!r}"
+                c.problem(f"models.{model.id}.aliases", f"{alias!r} is {what}")
+            else:
+                owner[alias] = model.id
+    if current_alias is not None and current_alias in owner:
+        problems.append(f"{CONFIG_FILE}: current_alias: {current_alias!r} is already a model id or alias in models.yml")
+    listed = list(models.values())
+    for index, first in enumerate(listed):
+        for second in listed[index + 1 :]:
+            if first.backend not in backends or second.backend not in backends:
+                continue
+            same_url = probe.engine(first).url == probe.engine(second).url
+            if same_url and probe.fits([probe.needs(first), probe.needs(second)]):
+                c.problem(
+                    f"models.{second.id}.url",
+                    f"{probe.engine(second).url} is also the engine URL of {first.id!r}, and their needs let both run "
+                    "at once: give one of them its own url (port)",
+                )
+    preload = [m for m in listed if m.preload]
+    if preload and not probe.fits([probe.needs(m) for m in preload]):
+        c.problem(
+            "preload",
+            f"the preload models ({', '.join(m.id for m in preload)}) cannot all run at once: their needs exceed "
+            f"the resources {dict(resources)}",
+        )
 
 
 def load_config(config_dir: Path) -> RouterConfig:

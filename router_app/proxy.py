@@ -74,16 +74,17 @@ async def handle_model_request(service: RouterService, request: ProxyRequest) ->
         parsed = parse_request(request.raw_body, request.kind, request.headers)
     except errors.OpenAIError as error:
         return _error_result(error)
-    config = service.config
-    if parsed.model not in config.models:
+    target = service.switcher.resolve(parsed.model)
+    if target is None:
         return _error_result(errors.model_not_found(parsed.model))
     received_at = time.monotonic()
     body = parsed.upstream_body()
     try:
-        admission = service.switcher.request(parsed.model)
+        admission = service.switcher.request(target)
     except QueueFull as exc:
+        service.metrics.answer(target, "rejected", None, None)
         return _queue_full(exc)
-    plan = _Plan.make(service, request, parsed, received_at)
+    plan = _Plan.make(service, request, parsed, received_at, target)
     if parsed.stream:
         return await _stream(service, plan, body, admission)
     return await _complete(service, plan, body, admission)
@@ -95,6 +96,9 @@ class _Plan:
 
     kind: RequestKind
     model_id: str
+    """The id the client sent (a model id or an alias): answers carry it."""
+    target_id: str
+    """The configured model it stands for: what the switcher loads."""
     model_name: str
     status_channel: StatusChannel | None
     footer: bool
@@ -108,9 +112,11 @@ class _Plan:
     """Already loaded once more after its engine vanished: a second loss is an error, not another reload."""
 
     @classmethod
-    def make(cls, service: RouterService, request: ProxyRequest, parsed: ClientRequest, received_at: float) -> _Plan:
+    def make(
+        cls, service: RouterService, request: ProxyRequest, parsed: ClientRequest, received_at: float, target: str
+    ) -> _Plan:
         config = service.config
-        model = config.models[parsed.model]
+        model = config.models[target]
         annotate = parsed.annotate
         channel: StatusChannel | None = None
         if annotate and config.status_channel in ("reasoning", "content"):
@@ -119,6 +125,7 @@ class _Plan:
         return cls(
             kind=request.kind,
             model_id=parsed.model,
+            target_id=target,
             model_name=model.name,
             status_channel=channel,
             footer=parsed.footer_allowed and config.speed_footer,
@@ -148,6 +155,17 @@ async def _wait_for_lease(service: RouterService, admission: Lease | Ticket) -> 
 
 async def _complete(service: RouterService, plan: _Plan, body: bytes, admission: Lease | Ticket) -> ProxyResult:
     try:
+        result = await _complete_once(service, plan, body, admission)
+    except asyncio.CancelledError:
+        service.metrics.answer(plan.target_id, "cancelled", None, None)
+        raise
+    if result.status >= 400:
+        service.metrics.answer(plan.target_id, "error", None, None)
+    return result
+
+
+async def _complete_once(service: RouterService, plan: _Plan, body: bytes, admission: Lease | Ticket) -> ProxyResult:
+    try:
         lease = await _wait_for_lease(service, admission)
     except SwitchFailed as failure:
         return _error_result(errors.service_unavailable(failure.describe(), code="model_load_failed"))
@@ -158,13 +176,14 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
             response = await _post_once_more_if_dropped(service.client, url, body, plan.forward_headers)
         except httpx.ConnectError as exc:
             lease.release()
-            if not plan.readmitted and await service.switcher.engine_lost(plan.model_id):
-                return await _readmit(service, plan, body, _complete)
+            if not plan.readmitted and await service.switcher.engine_lost(plan.target_id):
+                return await _readmit(service, plan, body, _complete_once)
             return _error_result(_unreachable(plan, exc))
         except httpx.HTTPError as exc:
-            service.switcher.report_engine_failure(plan.model_id)
+            service.switcher.report_engine_failure(plan.target_id)
             return _error_result(_unreachable(plan, exc))
         wall = time.monotonic() - started
+        total = time.monotonic() - plan.received_at
         if response.status_code >= 400:
             return _engine_error_result(response.status_code, response.content)
         try:
@@ -172,6 +191,7 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
         except ValueError:
             return _error_result(errors.bad_gateway(f"engine for {plan.model_id!r} sent a body that is not JSON"))
         headers = dict(JSON_HEADERS)
+        speed = None
         if isinstance(data, dict) and "model" in data:
             data["model"] = plan.model_id  # the id the client asked for, not the engine's path or alias
         if plan.kind != "embedding" and isinstance(data, dict):
@@ -180,9 +200,10 @@ async def _complete(service: RouterService, plan: _Plan, body: bytes, admission:
                 headers.update(speed.headers())
                 usage = data.get("usage")
                 if isinstance(usage, dict):
-                    data["usage"] = {**usage, **speed.usage_extras(time.monotonic() - plan.received_at)}
+                    data["usage"] = {**usage, **speed.usage_extras(total)}
                 if plan.footer and service.config.footer_non_streaming:
                     data = append_footer(data, speed.footer())
+        service.metrics.answer(plan.target_id, "ok", total, speed)
         log.info(
             "%s request for %s: HTTP %d in %.2f s%s",
             plan.kind,
@@ -217,7 +238,7 @@ async def _readmit(
     log.warning("engine of %s refused the connection and its unit is gone: loading it again", plan.model_id)
     plan.readmitted = True
     try:
-        admission = service.switcher.request(plan.model_id)
+        admission = service.switcher.request(plan.target_id)
     except QueueFull as exc:
         return _queue_full(exc)
     if isinstance(admission, Lease):
@@ -283,6 +304,13 @@ class ManagedStream:
 
 
 async def _stream(service: RouterService, plan: _Plan, body: bytes, admission: Lease | Ticket) -> ProxyResult:
+    result = await _stream_once(service, plan, body, admission)
+    if result.status >= 400:
+        service.metrics.answer(plan.target_id, "error", None, None)
+    return result
+
+
+async def _stream_once(service: RouterService, plan: _Plan, body: bytes, admission: Lease | Ticket) -> ProxyResult:
     factory = ChunkFactory(plan.model_id, "chat" if plan.kind == "chat" else "completion")
     holder: dict[str, Lease] = {}
 
@@ -303,12 +331,12 @@ async def _stream(service: RouterService, plan: _Plan, body: bytes, admission: L
             head = await anext(upstream)
         except httpx.ConnectError as exc:
             cleanup()
-            if not plan.readmitted and await service.switcher.engine_lost(plan.model_id):
-                return await _readmit(service, plan, body, _stream)
+            if not plan.readmitted and await service.switcher.engine_lost(plan.target_id):
+                return await _readmit(service, plan, body, _stream_once)
             return _error_result(_unreachable(plan, exc))
         except httpx.HTTPError as exc:
             cleanup()
-            service.switcher.report_engine_failure(plan.model_id)
+            service.switcher.report_engine_failure(plan.target_id)
             return _error_result(_unreachable(plan, exc))
         except BaseException:
             cleanup()
@@ -346,15 +374,62 @@ async def _switch_then_relay(
     holder: dict[str, Lease],
 ) -> AsyncGenerator[bytes, None]:
     """Headers are out: tell the client what happens while it waits, then relay the engine's answer."""
-    switcher = service.switcher
     channel = plan.status_channel
-    names = {m.id: m.name for m in service.config.models.values()}
     waited_from = time.monotonic()
 
     def status(text: str) -> bytes:
         assert channel is not None
         return encode_json_event(factory.status(text, channel))
 
+    waiting = _wait_for_switch(service, plan, factory, ticket, status)
+    try:
+        async for piece in waiting:
+            yield piece
+    except (asyncio.CancelledError, GeneratorExit):
+        service.metrics.answer(plan.target_id, "cancelled", None, None)
+        raise
+    finally:
+        await waiting.aclose()
+    try:
+        lease = ticket.future.result()
+    except SwitchFailed as failure:
+        service.metrics.answer(plan.target_id, "error", None, None)
+        ending = status(texts.failed_line(plan.model_name, failure.reason)) if channel is not None else b""
+        yield ending + _stream_error(errors.service_unavailable(failure.describe(), code="model_load_failed"))
+        return
+    holder["lease"] = lease
+    if channel is not None:
+        yield status(texts.ready_line(plan.model_name, time.monotonic() - waited_from))
+    sent_at = time.monotonic()
+    upstream = open_upstream(service.client, lease.backend.url + UPSTREAM_PATHS[plan.kind], body, plan.forward_headers)
+    try:
+        head = await anext(upstream)
+    except httpx.HTTPError as exc:
+        service.metrics.answer(plan.target_id, "error", None, None)
+        service.switcher.report_engine_failure(plan.target_id)
+        yield _stream_error(_unreachable(plan, exc))
+        return
+    assert isinstance(head, UpstreamHead)
+    if head.status >= 400:
+        service.metrics.answer(plan.target_id, "error", None, None)
+        error_body = await _read_error_body(upstream)
+        yield encode_json_event(errors.normalise_engine_error(head.status, error_body)) + DONE_EVENT
+        return
+    async for piece in _relay(service, plan, factory, upstream, sent_at):
+        yield piece
+
+
+async def _wait_for_switch(
+    service: RouterService,
+    plan: _Plan,
+    factory: ChunkFactory,
+    ticket: Ticket,
+    status: Callable[[str], bytes],
+) -> AsyncGenerator[bytes, None]:
+    """Status chunks (or keep-alive comments) until the ticket is decided."""
+    switcher = service.switcher
+    channel = plan.status_channel
+    names = {m.id: m.name for m in service.config.models.values()}
     if channel is not None:
         role = factory.role()
         opening = encode_json_event(role) if role is not None else b""
@@ -388,30 +463,6 @@ async def _switch_then_relay(
         elif now - last_sent >= plan.keepalive_interval:
             yield KEEPALIVE_EVENT
             last_sent = now
-    try:
-        lease = ticket.future.result()
-    except SwitchFailed as failure:
-        ending = status(texts.failed_line(plan.model_name, failure.reason)) if channel is not None else b""
-        yield ending + _stream_error(errors.service_unavailable(failure.describe(), code="model_load_failed"))
-        return
-    holder["lease"] = lease
-    if channel is not None:
-        yield status(texts.ready_line(plan.model_name, time.monotonic() - waited_from))
-    sent_at = time.monotonic()
-    upstream = open_upstream(service.client, lease.backend.url + UPSTREAM_PATHS[plan.kind], body, plan.forward_headers)
-    try:
-        head = await anext(upstream)
-    except httpx.HTTPError as exc:
-        service.switcher.report_engine_failure(plan.model_id)
-        yield _stream_error(_unreachable(plan, exc))
-        return
-    assert isinstance(head, UpstreamHead)
-    if head.status >= 400:
-        error_body = await _read_error_body(upstream)
-        yield encode_json_event(errors.normalise_engine_error(head.status, error_body)) + DONE_EVENT
-        return
-    async for piece in _relay(service, plan, factory, upstream, sent_at):
-        yield piece
 
 
 def _log_stream(plan: _Plan, relay: StreamRelay) -> None:
@@ -434,6 +485,7 @@ async def _relay(
 ) -> AsyncGenerator[bytes, None]:
     """Forward the engine's SSE stream; look into an event only when a cheap byte test says so."""
     decoder = SSEDecoder()
+    engine_failed = False
     relay = StreamRelay(
         factory,
         footer=plan.footer,
@@ -467,13 +519,20 @@ async def _relay(
             yield DONE_EVENT
             return
         reason = "the engine closed the stream before the answer was complete"
+        engine_failed = True
     except httpx.HTTPError as exc:
         reason = f"the engine connection failed mid-answer: {_describe(exc)}"
+        engine_failed = True
     finally:
         await upstream.aclose()
         _log_stream(plan, relay)
+        # Neither finished nor failed: the client went away mid-answer.
+        outcome = "error" if relay.saw_error or engine_failed else "ok" if relay.saw_finish else "cancelled"
+        first_text_at = relay.meter.first_text_at
+        first_token = None if first_text_at is None else first_text_at - plan.received_at
+        service.metrics.answer(plan.target_id, outcome, first_token, relay.meter.result())
     log.warning("model %s: %s", plan.model_id, reason)
-    service.switcher.report_engine_failure(plan.model_id)
+    service.switcher.report_engine_failure(plan.target_id)
     yield relay.flush_held() + _stream_error(
         errors.bad_gateway(f"model {plan.model_id!r}: {reason}", code="engine_failed")
     )

@@ -12,7 +12,8 @@ import httpx
 
 from router_app.config import ConfigError, RouterConfig, load_config
 from router_app.engines import HttpEngineProbe
-from router_app.switcher import Switcher
+from router_app.metrics import RouterMetrics
+from router_app.switcher import ModelStatus, Switcher
 from router_app.units import Systemctl
 
 log = logging.getLogger("llm_router")
@@ -30,22 +31,40 @@ class RouterService:
         self.client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS, trust_env=False)
         self.services = Systemctl(config.systemctl, config.journalctl)
         self.switcher = Switcher(config, self.services, HttpEngineProbe(self.client))
+        self.metrics = RouterMetrics(self.switcher)
         self.started = int(time.time())
 
     def models_listing(self) -> dict[str, Any]:
-        """OpenAI's model list plus `name` and llama.cpp-router style `status`; from memory, never from an engine."""
-        data = [
-            {
-                "id": model.id,
-                "object": "model",
-                "created": self.started,
-                "owned_by": model.backend,
-                "name": model.name,
-                "status": {"value": self.switcher.model_status(model.id).value},
-            }
-            for model in self.config.models.values()
-        ]
+        """OpenAI's model list plus `name` and llama.cpp-router style `status` (`/v1/models` and `/models`), from
+        memory, never from an engine. Aliases and the current-model alias are entries of their own."""
+        data: list[dict[str, Any]] = []
+        for model in self.config.models.values():
+            data.append(self._entry(model.id, model.id, model.name))
+            for alias in model.aliases:
+                data.append(self._entry(alias, model.id, model.name))
+        current_alias = self.config.current_alias
+        current = self.switcher.current_model()
+        if current_alias is not None and current is not None:
+            data.append(self._entry(current_alias, current, f"Current model ({self.config.models[current].name})"))
         return {"object": "list", "data": data}
+
+    def _entry(self, listed_id: str, model_id: str, name: str) -> dict[str, Any]:
+        model = self.config.models[model_id]
+        state = self.switcher.model_status(model_id)
+        status: dict[str, Any] = {"value": state.value}
+        if state is ModelStatus.FAILED:
+            status["failed"] = True
+        entry: dict[str, Any] = {
+            "id": listed_id,
+            "object": "model",
+            "created": self.started,
+            "owned_by": model.backend,
+            "name": name,
+            "status": status,
+        }
+        if listed_id != model_id:
+            entry["alias_of"] = model_id
+        return entry
 
     async def startup(self) -> None:
         try:

@@ -109,6 +109,11 @@ class SpeedMeter:
         self._timings: Mapping[str, Any] | None = None
         self._usage: Mapping[str, Any] | None = None
 
+    @property
+    def first_text_at(self) -> float | None:
+        """When the first event with generated text arrived (the `now` it was observed with)."""
+        return self._first_text_at
+
     def observe_event(self, raw: bytes, now: float) -> None:
         """Note the time of an event if it carries generated text."""
         if _TEXT_EVENT.search(raw) is not None:

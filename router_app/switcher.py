@@ -1,22 +1,30 @@
-"""The one owner of engine state: which unit runs, who is using it, who waits, and when to switch.
+"""The one owner of engine state: which units run, who is using them, who waits, and what to load or stop next.
 
-Decisions (`_schedule`) are synchronous and taken on current state only; the slow work (stop, start, readiness
-polling, warm-up) runs in one detached task that reports back by finishing. Requests get either a Lease at once
-(the model is loaded and nobody waits for another one) or a Ticket whose future resolves to a Lease.
+Running engines are slots (model, unit, engine URL, state, answers in flight, last use). Decisions (`_schedule`) are
+synchronous and taken on current state only; the slow work (stop, start, readiness polling, warm-up, idle timers)
+runs in detached tasks that report back by finishing. Requests get either a Lease at once (the model is loaded and
+not about to be evicted) or a Ticket whose future resolves to a Lease.
 
 Policy:
-- requests for the loaded model run concurrently, unless requests for another model already wait: then they
-  queue too, so a busy model cannot starve a switch;
-- a switch waits until every answer still streaming from the active engine has finished (never cut one off);
-- waiters are served grouped by model, groups ordered by their oldest waiter (no ping-pong);
-- a request for the model being loaded joins that load; a failed load fails all of its waiters, and the next
-  request for that model tries again.
+- models run side by side while, for every resource in config.yml, the `needs` of the running ones fit its capacity
+  (by default every model needs everything: one engine at a time);
+- a model that does not fit evicts the fewest running models needed, least recently used first, each only after its
+  answers in flight have finished (never cut one off); while it drains, new requests for it wait, so a busy model
+  cannot starve a switch; models it does not conflict with keep serving;
+- waiters are served grouped by model, groups ordered by their oldest waiter (no ping-pong); once a group has to
+  wait for room, later groups may not load either (they would take its room);
+- a request for a model being loaded joins that load; a failed load fails all of its waiters, and the next request
+  for that model tries again;
+- an idle model (`idle_unload` seconds since its last answer, nothing in flight or waiting) is stopped by a timer
+  that re-checks state when it fires: a request that came first wins.
+Every status change is told to subscribers (`/models/sse`, metrics) as a ModelEvent: nothing polls this class.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import statistics
 import time
@@ -49,11 +57,17 @@ class ModelStatus(str, Enum):
 
 class Phase(str, Enum):
     QUEUED = "queued"  # behind another model's group
-    DRAINING = "draining"  # waiting for answers on the active engine to finish
+    DRAINING = "draining"  # waiting for answers on a model to be evicted to finish
     STOPPING = "stopping"
     STARTING = "starting"
     LOADING = "loading"
     WARMING = "warming"
+
+
+class UnloadReason(str, Enum):
+    SWITCH = "switch"  # evicted to make room
+    IDLE = "idle"
+    REQUEST = "request"  # POST /models/unload, or the unit died and was reset
 
 
 class SwitchFailed(Exception):
@@ -74,8 +88,21 @@ class QueueFull(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class ModelEvent:
+    """A status change of one model, as `/models/sse` and the metrics see it."""
+
+    model: str
+    status: ModelStatus
+    load_seconds: float | None = None
+    """Set on `loaded` after a real load: how long it took."""
+    unload_reason: UnloadReason | None = None
+    """Set on `unloaded` when a running unit was stopped."""
+    load_failed: bool = False
+
+
 class Lease:
-    """Permission to send one request to the loaded engine; release it when the answer is finished."""
+    """Permission to send one request to a loaded engine; release it when the answer is finished."""
 
     def __init__(self, switcher: Switcher, model: ModelConfig, backend: BackendConfig) -> None:
         self.model = model
@@ -95,6 +122,8 @@ class Ticket:
     enqueued_at: float
     future: asyncio.Future[Lease]
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    internal: bool = False
+    """A load the router asked for itself (preload, POST /models/load): served by loading, then released."""
 
 
 @dataclass(frozen=True)
@@ -111,12 +140,35 @@ class WaitInfo:
     now: float
 
 
-@dataclass
-class _Load:
+class SlotState(str, Enum):
+    LOADING = "loading"
+    LOADED = "loaded"
+    STOPPING = "stopping"
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A unit that may be running, and everything the scheduler knows about it. It holds its resources (`needs`)
+    from the moment its load begins until its stop has finished."""
+
     model: ModelConfig
-    task: asyncio.Task[None] | None = None
-    phase: Phase = Phase.STOPPING
+    engine: BackendConfig
+    needs: dict[str, float]
+    state: SlotState
+    last_used: float
+    phase: Phase = Phase.STARTING
     started: float = 0.0
+    in_flight: int = 0
+    evicting: bool = False
+    """Chosen to make room: no new leases; stopped once its answers in flight have finished."""
+    unload_requested: bool = False
+    task: asyncio.Task[None] | None = None
+    idle_task: asyncio.Task[None] | None = None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def unit(self) -> str:
+        return self.model.unit
 
 
 class Switcher:
@@ -136,30 +188,81 @@ class Switcher:
         self.status: dict[str, ModelStatus] = {m: ModelStatus.UNLOADED for m in config.models}
         self.last_error: dict[str, str] = {}
         self.load_seconds: dict[str, deque[float]] = {}
-        # The unit that may be running, and its backend, kept apart from the model id so a model removed from
-        # models.yml by a reload can still be stopped.
-        self.active_model: str | None = None
-        self.active_unit: str | None = None
-        self.active_backend: BackendConfig | None = None
-        self.in_flight = 0
+        self.last_used: dict[str, float] = {}
+        self.slots: dict[str, _Slot] = {}
         self.waiters: list[Ticket] = []
-        self.load: _Load | None = None
         self.switches = 0
+        self._listeners: list[Callable[[ModelEvent], None]] = []
 
     # ----- requests -----------------------------------------------------------------------------------------
+
+    def resolve(self, requested: str) -> str | None:
+        """The configured model a client's id means: the id itself, an alias, or the current-model alias."""
+        config = self.config
+        if requested in config.models:
+            return requested
+        alias = config.alias_targets().get(requested)
+        if alias is not None:
+            return alias
+        if config.current_alias is not None and requested == config.current_alias:
+            return self.current_model()
+        return None
+
+    def current_model(self) -> str | None:
+        """The model in use now: the most recently used loaded one; else the most recently used one; else the first
+        preload model; else the first model. It never names an unloaded model while one is loaded."""
+        models = self.config.models
+        loaded = [s for s in self.slots.values() if s.state is SlotState.LOADED and s.model.id in models]
+        if loaded:
+            return max(loaded, key=lambda s: s.last_used).model.id
+        busy = [s for s in self.slots.values() if s.model.id in models]
+        if busy:
+            return max(busy, key=lambda s: s.last_used).model.id
+        used = [m for m in self.last_used if m in models]
+        if used:
+            return max(used, key=lambda m: self.last_used[m])
+        preload = [m.id for m in models.values() if m.preload]
+        if preload:
+            return preload[0]
+        return next(iter(models), None)
 
     def request(self, model_id: str) -> Lease | Ticket:
         """Admit a request for a configured model: a Lease now, or a Ticket to wait on. May raise QueueFull."""
         model = self.config.models[model_id]
-        if self._is_ready(model_id) and not self.waiters:
+        self.last_used[model_id] = self.clock()
+        if self._grantable(model_id) and not any(t.model.id == model_id for t in self.waiters):
             return self._grant(model)
         if len(self.waiters) >= self.config.queue_limit:
             raise QueueFull(f"{len(self.waiters)} requests are already waiting for a model switch")
-        loop = asyncio.get_running_loop()
-        ticket = Ticket(model, self.clock(), loop.create_future())
-        self.waiters.append(ticket)
-        self._schedule()
-        return ticket
+        return self._enqueue(model, internal=False)
+
+    def load(self, model_id: str) -> None:
+        """Load a model as a request would (resources, drain, grouping), without a request: preload, /models/load."""
+        slot = self.slots.get(model_id)
+        if slot is not None and slot.state is not SlotState.STOPPING:
+            return
+        if any(t.model.id == model_id for t in self.waiters):
+            return
+        self._enqueue(self.config.models[model_id], internal=True)
+
+    async def unload(self, model_id: str) -> None:
+        """Stop a model's unit once its answers in flight have finished; a load under way is cancelled and its
+        waiters fail. Returns when the unit is stopped (at once when it was not running)."""
+        for ticket in [t for t in self.waiters if t.model.id == model_id]:
+            self.waiters.remove(ticket)
+            if not ticket.future.done():
+                ticket.future.set_exception(SwitchFailed(model_id, "the model was unloaded (POST /models/unload)"))
+        slot = self.slots.get(model_id)
+        if slot is None:
+            return
+        if slot.state is SlotState.LOADING and slot.task is not None:
+            slot.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await slot.task
+        elif slot.state is SlotState.LOADED:
+            slot.unload_requested = True
+            self._schedule()
+        await slot.stopped.wait()
 
     def cancel(self, ticket: Ticket) -> None:
         """The client went away: leave the queue. A load already under way goes on for the next request."""
@@ -173,20 +276,33 @@ class Switcher:
 
     def wait_info(self, ticket: Ticket) -> WaitInfo:
         target = ticket.model
-        load = self.load
-        if load is not None and load.model.id == target.id:
-            phase, started = load.phase, load.started
-        elif load is not None:
-            phase, started = Phase.QUEUED, None
-        elif self.in_flight and self.active_model != target.id:
-            phase, started = Phase.DRAINING, None
+        slot = self.slots.get(target.id)
+        active = self.current_model()
+        in_flight = self.in_flight
+        started: float | None = None
+        if slot is not None and slot.state is SlotState.LOADING:
+            phase, started = slot.phase, slot.started
+        elif slot is not None and slot.state is SlotState.STOPPING:
+            phase = Phase.STOPPING
         else:
-            phase, started = Phase.QUEUED, None
+            evicting = [s for s in self.slots.values() if s.evicting or s.state is SlotState.STOPPING]
+            loading = [s for s in self.slots.values() if s.state is SlotState.LOADING]
+            if evicting and any(s.in_flight for s in evicting):
+                phase = Phase.DRAINING
+                active = max(evicting, key=lambda s: s.in_flight).model.id
+                in_flight = sum(s.in_flight for s in evicting)
+            elif evicting:
+                phase = Phase.STOPPING
+                active = evicting[0].model.id
+            elif loading:
+                phase, active = Phase.QUEUED, loading[0].model.id
+            else:
+                phase = Phase.QUEUED
         return WaitInfo(
             phase=phase,
             target=target.id,
-            active=self.active_model,
-            in_flight=self.in_flight,
+            active=active,
+            in_flight=in_flight,
             load_started=started,
             timeout=target.load_timeout,
             estimate=self.estimate(target.id),
@@ -197,64 +313,104 @@ class Switcher:
         history = self.load_seconds.get(model_id)
         return statistics.median(history) if history else None
 
+    def load_progress(self, model_id: str) -> float | None:
+        """0..1 while a model loads, from its previous load times; None without history or when not loading."""
+        slot = self.slots.get(model_id)
+        estimate = self.estimate(model_id)
+        if slot is None or slot.state is not SlotState.LOADING or not estimate:
+            return None
+        return max(0.0, min(0.99, (self.clock() - slot.started) / estimate))
+
     def report_engine_failure(self, model_id: str) -> None:
         """The proxy lost the engine (refused connection, died mid-stream): check the unit, don't trust it."""
-        if self.active_model == model_id and self.load is None:
-            asyncio.get_running_loop().create_task(self._check_active_unit(model_id))
+        slot = self.slots.get(model_id)
+        if slot is not None and slot.state is SlotState.LOADED:
+            asyncio.get_running_loop().create_task(self._check_unit(model_id))
 
     async def engine_lost(self, model_id: str) -> bool:
         """A connection to the loaded engine was refused before any answer. True when the model is no longer
         ready (its unit stopped behind the router's back, or state moved on): a new request then loads it again."""
-        if self._is_ready(model_id):
-            await self._check_active_unit(model_id)
-        return not self._is_ready(model_id)
+        if self._ready(model_id):
+            await self._check_unit(model_id)
+        return not self._ready(model_id)
 
-    async def _check_active_unit(self, model_id: str) -> None:
-        unit = self.active_unit
-        if unit is None:
+    async def _check_unit(self, model_id: str) -> None:
+        slot = self.slots.get(model_id)
+        if slot is None:
             return
         try:
-            state = (await self.services.states([unit]))[unit]
+            state = (await self.services.states([slot.unit]))[slot.unit]
         except UnitError as exc:
-            log.warning("cannot read the state of %s: %s", unit, exc)
+            log.warning("cannot read the state of %s: %s", slot.unit, exc)
             return
-        if state not in ("active", "activating") and self.active_model == model_id and self.load is None:
-            log.warning("engine unit %s of model %s is %s: marking the model failed", unit, model_id, state)
-            self.status[model_id] = ModelStatus.FAILED
-            self.last_error[model_id] = f"engine unit {unit} is {state}"
-            self.active_model = None
-            self._schedule()
+        if (
+            state not in ("active", "activating")
+            and self.slots.get(model_id) is slot
+            and slot.state is SlotState.LOADED
+        ):
+            log.warning("engine unit %s of model %s is %s: marking the model failed", slot.unit, model_id, state)
+            self.last_error[model_id] = f"engine unit {slot.unit} is {state}"
+            # Reset the unit (a failed unit must be stopped before it can start again); the slot holds its
+            # resources until then.
+            self._begin_stop(slot, UnloadReason.REQUEST, final_status=ModelStatus.FAILED)
 
     # ----- state for /health and /v1/models ------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return sum(slot.in_flight for slot in self.slots.values())
 
     def model_status(self, model_id: str) -> ModelStatus:
         return self.status.get(model_id, ModelStatus.UNLOADED)
 
+    def requests_in_flight(self, model_id: str) -> int:
+        slot = self.slots.get(model_id)
+        return 0 if slot is None else slot.in_flight
+
     def snapshot(self) -> dict[str, object]:
-        load = self.load
+        loading = [s for s in self.slots.values() if s.state is SlotState.LOADING]
+        loaded = [s for s in self.slots.values() if s.state is SlotState.LOADED]
+        active = max(loaded, key=lambda s: s.last_used) if loaded else None
         return {
-            "state": "switching" if load else ("serving" if self.active_model else "idle"),
-            "active_model": self.active_model,
-            "active_unit": self.active_unit,
-            "loading_model": load.model.id if load else None,
-            "loading_phase": load.phase.value if load else None,
+            "state": "switching" if loading or self.waiters else ("serving" if loaded else "idle"),
+            "active_model": active.model.id if active else None,
+            "active_unit": active.unit if active else None,
+            "loaded_models": [s.model.id for s in loaded],
+            "loading_model": loading[0].model.id if loading else None,
+            "loading_phase": loading[0].phase.value if loading else None,
             "in_flight": self.in_flight,
             "waiting": len(self.waiters),
             "switches": self.switches,
+            "resources": self._resource_use(),
         }
+
+    def _resource_use(self) -> dict[str, dict[str, float]]:
+        held = [s.needs for s in self.slots.values()]
+        return {
+            name: {"capacity": capacity, "held": sum(n.get(name, 0.0) for n in held)}
+            for name, capacity in self.config.resources.items()
+        }
+
+    def subscribe(self, listener: Callable[[ModelEvent], None]) -> Callable[[], None]:
+        """Call `listener` with every ModelEvent from now on; returns the function that unsubscribes."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     # ----- configuration --------------------------------------------------------------------------------------
 
     def update_config(self, config: RouterConfig) -> None:
-        """Adopt a reloaded config: new models appear unloaded, removed ones fail their waiters."""
+        """Adopt a reloaded config: new models appear unloaded, removed ones fail their waiters and are stopped
+        first when room is needed."""
         self.config = config
         for model_id in list(self.status):
-            if model_id not in config.models:
+            if model_id not in config.models and model_id not in self.slots:
                 del self.status[model_id]
         for model_id in config.models:
             self.status.setdefault(model_id, ModelStatus.UNLOADED)
-        if self.active_model is not None and self.active_model not in config.models:
-            self.active_model = None
+        for slot in self.slots.values():
+            model = config.models.get(slot.model.id)
+            if model is not None and model.unit == slot.unit:
+                slot.model = model
         for ticket in list(self.waiters):
             if ticket.model.id not in config.models:
                 self.waiters.remove(ticket)
@@ -267,28 +423,36 @@ class Switcher:
     # ----- start-up and shutdown -----------------------------------------------------------------------------
 
     async def adopt_running_unit(self) -> None:
-        """At start-up, take over whichever configured unit systemd already runs."""
+        """At start-up, take over the configured units systemd already runs (as many as fit; the rest are
+        stopped), then load the preload models."""
         units = self.config.units()
         states = await self.services.states(units)
-        running = [unit for unit in units if states.get(unit) in ("active", "activating")]
-        if not running:
-            return
         by_unit = {m.unit: m for m in self.config.models.values()}
-        keep = by_unit[running[0]]
-        for extra in running[1:]:
-            log.warning("more than one engine unit is running: stopping %s, keeping %s", extra, keep.unit)
-            await self.services.stop(extra)
-        log.info("adopting running unit %s as model %s", keep.unit, keep.id)
-        self.active_unit = keep.unit
-        self.active_backend = self.config.backends[keep.backend]
-        self._begin_load(keep, adopt=True)
+        for unit in units:
+            if states.get(unit) not in ("active", "activating"):
+                continue
+            model = by_unit[unit]
+            held = [s.needs for s in self.slots.values()]
+            if not self.config.fits([*held, self.config.needs(model)]):
+                log.warning("engine unit %s is running but does not fit beside the adopted ones: stopping it", unit)
+                await self.services.stop(unit)
+                continue
+            log.info("adopting running unit %s as model %s", unit, model.id)
+            self._begin_load(model, adopt=True)
+        self.preload()
+
+    def preload(self) -> None:
+        for model in self.config.models.values():
+            if model.preload:
+                self.load(model.id)
 
     async def close(self) -> None:
-        load = self.load
-        if load is not None and load.task is not None:
-            load.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await load.task
+        for slot in list(self.slots.values()):
+            for task in (slot.task, slot.idle_task):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         for ticket in self.waiters:
             if not ticket.future.done():
                 ticket.future.set_exception(SwitchFailed(ticket.model.id, "the router is shutting down"))
@@ -296,144 +460,297 @@ class Switcher:
 
     # ----- internals ------------------------------------------------------------------------------------------
 
-    def _is_ready(self, model_id: str) -> bool:
-        return self.active_model == model_id and self.load is None and self.status[model_id] is ModelStatus.LOADED
+    def _ready(self, model_id: str) -> bool:
+        slot = self.slots.get(model_id)
+        return slot is not None and slot.state is SlotState.LOADED
+
+    def _grantable(self, model_id: str) -> bool:
+        slot = self.slots.get(model_id)
+        return slot is not None and slot.state is SlotState.LOADED and not slot.evicting and not slot.unload_requested
 
     def _grant(self, model: ModelConfig) -> Lease:
-        self.in_flight += 1
-        return Lease(self, model, self.config.backends[model.backend])
+        slot = self.slots[model.id]
+        slot.in_flight += 1
+        slot.last_used = self.clock()
+        self._cancel_idle_timer(slot)
+        return Lease(self, slot.model, slot.engine)
 
     def _release(self, lease: Lease) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
+        slot = self.slots.get(lease.model.id)
+        if slot is None or slot.in_flight == 0:
+            return
+        slot.in_flight -= 1
+        slot.last_used = self.clock()
+        if slot.in_flight == 0:
             self._schedule()
+
+    def _enqueue(self, model: ModelConfig, internal: bool) -> Ticket:
+        loop = asyncio.get_running_loop()
+        ticket = Ticket(model, self.clock(), loop.create_future(), internal=internal)
+        self.waiters.append(ticket)
+        self._schedule()
+        return ticket
+
+    def _emit(self, event: ModelEvent) -> None:
+        self.status[event.model] = event.status
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break scheduling
+                log.exception("status listener failed on %s", event)
 
     def _notify_waiters(self) -> None:
         for ticket in self.waiters:
             ticket.changed.set()
 
+    def _groups(self) -> list[tuple[ModelConfig, list[Ticket]]]:
+        groups: dict[str, list[Ticket]] = {}
+        for ticket in self.waiters:
+            groups.setdefault(ticket.model.id, []).append(ticket)
+        return [(tickets[0].model, tickets) for tickets in groups.values()]
+
     def _schedule(self) -> None:
+        """Take every decision the current state allows. Synchronous; safe to call any time."""
+        for each in self.slots.values():
+            each.evicting = False
+        blocked = False
+        for model, tickets in self._groups():
+            found = self.slots.get(model.id)
+            if found is not None and found.state is SlotState.LOADED and not found.unload_requested:
+                if found.evicting:
+                    continue  # chosen to make room for an older group: its new requests wait
+                for ticket in tickets:
+                    self._serve(ticket)
+                continue
+            if found is not None or blocked:
+                continue  # its load (or the stop before it) is under way; or an older group waits for room
+            victims = self._make_room(model)
+            if victims is None:
+                blocked = True
+            elif not victims:
+                self._begin_load(model, adopt=False)
+            else:
+                for victim in victims:
+                    victim.evicting = True
+                blocked = True
+        for slot in list(self.slots.values()):
+            if slot.state is SlotState.LOADED and (slot.evicting or slot.unload_requested) and slot.in_flight == 0:
+                self._begin_stop(slot, UnloadReason.REQUEST if slot.unload_requested else UnloadReason.SWITCH)
+            elif slot.state is SlotState.LOADED and slot.in_flight == 0:
+                self._arm_idle_timer(slot)
         self._notify_waiters()
-        if self.load is not None or not self.waiters:
+
+    def _serve(self, ticket: Ticket) -> None:
+        self.waiters.remove(ticket)
+        if ticket.future.done():
             return
-        head = self.waiters[0].model.id
-        if self._is_ready(head):
-            for ticket in [t for t in self.waiters if t.model.id == head]:
-                self.waiters.remove(ticket)
-                if not ticket.future.done():
-                    ticket.future.set_result(self._grant(ticket.model))
-            self._notify_waiters()
+        lease = self._grant(ticket.model)
+        ticket.future.set_result(lease)
+        if ticket.internal:
+            lease.release()
+
+    def _make_room(self, model: ModelConfig) -> list[_Slot] | None:
+        """The slots to stop so that `model` fits: [] when it fits now, None when it cannot fit yet (loads or
+        stops under way hold the room it needs). Fewest slots, least recently used first; slots of models that
+        a reload removed go first."""
+        needs = self.config.needs(model)
+        held = [s.needs for s in self.slots.values()]
+        if self.config.fits([*held, needs]):
+            return []
+        candidates = sorted(
+            (s for s in self.slots.values() if s.state is SlotState.LOADED),
+            key=lambda s: (s.model.id in self.config.models, s.last_used),
+        )
+        fixed = [s.needs for s in self.slots.values() if s.state is not SlotState.LOADED]
+        for count in range(1, len(candidates) + 1):
+            for victims in itertools.combinations(candidates, count):
+                kept = [s.needs for s in candidates if s not in victims]
+                if self.config.fits([*fixed, *kept, needs]):
+                    return list(victims)
+        return None
+
+    # ----- idle unload ----------------------------------------------------------------------------------------
+
+    def _arm_idle_timer(self, slot: _Slot) -> None:
+        idle = self.config.idle_unload_of(slot.model)
+        if idle <= 0 or slot.idle_task is not None or any(t.model.id == slot.model.id for t in self.waiters):
             return
-        if self.in_flight:
-            return  # drain first: answers still streaming from the active engine are never cut off
-        self._begin_load(self.waiters[0].model, adopt=False)
+        slot.idle_task = asyncio.get_running_loop().create_task(self._idle_timer(slot, idle))
+
+    def _cancel_idle_timer(self, slot: _Slot) -> None:
+        task, slot.idle_task = slot.idle_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _idle_timer(self, slot: _Slot, idle: float) -> None:
+        while True:
+            await self.sleep(max(0.0, slot.last_used + idle - self.clock()))
+            if self.slots.get(slot.model.id) is not slot or slot.state is not SlotState.LOADED:
+                return
+            if slot.in_flight or any(t.model.id == slot.model.id for t in self.waiters):
+                slot.idle_task = None
+                return
+            if self.clock() >= slot.last_used + idle:
+                slot.idle_task = None
+                log.info("model %s idle for %g s: stopping %s", slot.model.id, idle, slot.unit)
+                self._begin_stop(slot, UnloadReason.IDLE)
+                return
+
+    # ----- loading --------------------------------------------------------------------------------------------
 
     def _begin_load(self, model: ModelConfig, adopt: bool) -> None:
-        self.load = _Load(model=model, started=self.clock())
-        self.status[model.id] = ModelStatus.LOADING
-        self.load.task = asyncio.get_running_loop().create_task(self._run_load(model, adopt))
+        reset_first = self.status.get(model.id) is ModelStatus.FAILED
+        slot = _Slot(
+            model=model,
+            engine=self.config.engine(model),
+            needs=self.config.needs(model),
+            state=SlotState.LOADING,
+            last_used=self.clock(),
+            phase=Phase.LOADING if adopt else Phase.STARTING,
+            started=self.clock(),
+        )
+        self.slots[model.id] = slot
+        self._emit(ModelEvent(model.id, ModelStatus.LOADING))
+        slot.task = asyncio.get_running_loop().create_task(self._run_load(slot, adopt, reset_first))
         self._notify_waiters()
 
-    def _set_phase(self, phase: Phase) -> None:
-        if self.load is not None:
-            self.load.phase = phase
-            if phase is Phase.STARTING:
-                self.load.started = self.clock()
+    def _set_phase(self, slot: _Slot, phase: Phase) -> None:
+        slot.phase = phase
+        if phase is Phase.STARTING:
+            slot.started = self.clock()
         self._notify_waiters()
 
-    async def _run_load(self, model: ModelConfig, adopt: bool) -> None:
-        backend = self.config.backends[model.backend]
+    async def _run_load(self, slot: _Slot, adopt: bool, reset_first: bool) -> None:
+        model, engine = slot.model, slot.engine
         try:
+            if reset_first and not adopt:
+                # The last load failed and left the unit failed (for the operator to see): reset it first.
+                with contextlib.suppress(UnitError):
+                    await self.services.stop(model.unit)
             if not adopt:
-                await self._stop_active()
-                self._set_phase(Phase.STARTING)
-                await self._wait_port_closed(model, backend, "before starting it")
-                self.active_unit, self.active_backend = model.unit, backend
+                await self._wait_port_closed(model, engine, "before starting it")
+                self._set_phase(slot, Phase.STARTING)
                 try:
                     await self.services.start(model.unit)
                 except UnitError as exc:
                     raise SwitchFailed(model.id, str(exc), await self.services.last_log_lines(model.unit)) from exc
-            self._set_phase(Phase.LOADING)
-            await self._wait_ready(model, backend)
-            if backend.warmup:
-                self._set_phase(Phase.WARMING)
+            self._set_phase(slot, Phase.LOADING)
+            await self._wait_ready(slot)
+            if engine.warmup:
+                self._set_phase(slot, Phase.WARMING)
                 try:
-                    await self.probe.warm_up(backend, model.id)
+                    await self.probe.warm_up(engine, model.id)
                 except Exception as exc:
                     raise SwitchFailed(model.id, f"warm-up failed: {exc}") from exc
         except SwitchFailed as failure:
             log.error("%s", failure.describe())
-            self.status[model.id] = ModelStatus.FAILED
-            self.last_error[model.id] = failure.reason
-            self._finish_load(failure)
+            await self._fail_load(slot, failure)
         except asyncio.CancelledError:
-            self.status[model.id] = ModelStatus.UNLOADED
-            self.load = None
+            # Unloaded while loading (or shutdown): the unit must not go on loading in the background.
+            with contextlib.suppress(UnitError):
+                await self.services.stop(model.unit)
+            self._drop(slot)
+            self._emit(ModelEvent(model.id, ModelStatus.UNLOADED, unload_reason=UnloadReason.REQUEST))
+            self._schedule()
             raise
         except Exception as exc:  # an unexpected bug must not wedge the switcher forever
             log.exception("unexpected error while loading %s", model.id)
-            self.status[model.id] = ModelStatus.FAILED
-            self._finish_load(SwitchFailed(model.id, f"internal error: {exc!r}"))
+            await self._fail_load(slot, SwitchFailed(model.id, f"internal error: {exc!r}"))
         else:
-            assert self.load is not None
-            took = self.clock() - self.load.started
-            self.load_seconds.setdefault(model.id, deque(maxlen=LOAD_HISTORY)).append(took)
-            self.status[model.id] = ModelStatus.LOADED
+            took = self.clock() - slot.started
+            slot.state = SlotState.LOADED
+            slot.task = None
+            slot.last_used = self.clock()
             self.last_error.pop(model.id, None)
-            self.active_model = model.id
-            self.switches += 0 if adopt else 1
+            if not adopt:
+                self.load_seconds.setdefault(model.id, deque(maxlen=LOAD_HISTORY)).append(took)
+                self.switches += 1
             log.info("model %s ready in %.2f s (unit %s)", model.id, took, model.unit)
-            self._finish_load(None)
+            self._emit(ModelEvent(model.id, ModelStatus.LOADED, load_seconds=None if adopt else took))
+            self._schedule()
 
-    def _finish_load(self, failure: SwitchFailed | None) -> None:
-        assert self.load is not None
-        model_id = self.load.model.id
-        self.load = None
-        if failure is not None:
-            for ticket in [t for t in self.waiters if t.model.id == model_id]:
-                self.waiters.remove(ticket)
-                if not ticket.future.done():
-                    ticket.future.set_exception(failure)
+    async def _fail_load(self, slot: _Slot, failure: SwitchFailed) -> None:
+        model = slot.model
+        self.last_error[model.id] = failure.reason
+        # A unit that is still up (load timeout, failed warm-up) must not go on holding the GPU; one that exited
+        # stays failed for the operator to see, and is reset before the next start.
+        with contextlib.suppress(UnitError):
+            state = (await self.services.states([model.unit]))[model.unit]
+            if state in ("active", "activating", "reloading"):
+                await self.services.stop(model.unit)
+        self._drop(slot)
+        for ticket in [t for t in self.waiters if t.model.id == model.id]:
+            self.waiters.remove(ticket)
+            if not ticket.future.done():
+                ticket.future.set_exception(failure)
+        self._emit(ModelEvent(model.id, ModelStatus.FAILED, load_failed=True))
         self._schedule()
 
-    async def _stop_active(self) -> None:
-        unit, backend, model_id = self.active_unit, self.active_backend, self.active_model
-        if unit is None:
-            return
-        self._set_phase(Phase.STOPPING)
-        self.active_model = None
-        if model_id is not None and model_id in self.status:
-            self.status[model_id] = ModelStatus.UNLOADED
-        log.info("stopping %s", unit)
-        try:
-            await self.services.stop(unit)
-        except UnitError as exc:
-            assert self.load is not None
-            raise SwitchFailed(self.load.model.id, f"could not stop the running engine: {exc}") from exc
-        self.active_unit = self.active_backend = None
-        if backend is not None and self.load is not None:
-            await self._wait_port_closed(self.load.model, backend, f"after stopping {unit}")
+    def _drop(self, slot: _Slot) -> None:
+        if self.slots.get(slot.model.id) is slot:
+            del self.slots[slot.model.id]
+        self._cancel_idle_timer(slot)
+        slot.stopped.set()
 
-    async def _wait_port_closed(self, model: ModelConfig, backend: BackendConfig, when: str) -> None:
+    # ----- stopping -------------------------------------------------------------------------------------------
+
+    def _begin_stop(self, slot: _Slot, reason: UnloadReason, final_status: ModelStatus = ModelStatus.UNLOADED) -> None:
+        slot.state = SlotState.STOPPING
+        slot.evicting = False
+        self._cancel_idle_timer(slot)
+        slot.task = asyncio.get_running_loop().create_task(self._run_stop(slot, reason, final_status))
+        self._notify_waiters()
+
+    async def _run_stop(self, slot: _Slot, reason: UnloadReason, final_status: ModelStatus) -> None:
+        log.info("stopping %s (%s)", slot.unit, reason.value)
+        try:
+            await self.services.stop(slot.unit)
+        except UnitError as exc:
+            # The unit may still run: keep it as loaded, and fail the requests that waited for its room.
+            log.error("could not stop %s: %s", slot.unit, exc)
+            slot.state = SlotState.LOADED
+            slot.task = None
+            slot.unload_requested = False
+            blocked = self._groups()
+            for model, tickets in blocked[:1]:
+                failure = SwitchFailed(model.id, f"could not stop the running engine {slot.unit}: {exc}")
+                for ticket in tickets:
+                    self.waiters.remove(ticket)
+                    if not ticket.future.done():
+                        ticket.future.set_exception(failure)
+            slot.stopped.set()
+            slot.stopped = asyncio.Event()
+            self._schedule()
+            return
+        with contextlib.suppress(SwitchFailed):
+            await self._wait_port_closed(slot.model, slot.engine, f"after stopping {slot.unit}")
+        self._drop(slot)
+        if final_status is ModelStatus.FAILED:
+            self._emit(ModelEvent(slot.model.id, ModelStatus.FAILED))
+        else:
+            self._emit(ModelEvent(slot.model.id, ModelStatus.UNLOADED, unload_reason=reason))
+        self._schedule()
+
+    async def _wait_port_closed(self, model: ModelConfig, engine: BackendConfig, when: str) -> None:
         # A stopped engine can hold its port a moment longer; TabbyAPI would silently bind port+1 if started now.
-        deadline = self.clock() + backend.stop_timeout
+        deadline = self.clock() + engine.stop_timeout
         delay = FIRST_POLL_DELAY / 2
-        while not await self.probe.port_closed(backend):
+        while not await self.probe.port_closed(engine):
             if self.clock() >= deadline:
                 raise SwitchFailed(
                     model.id,
-                    f"port {backend.port} of {backend.kind} is still in use {when} "
-                    f"({backend.stop_timeout:g} s): another process holds it",
+                    f"port {engine.port} of {engine.kind} is still in use {when} "
+                    f"({engine.stop_timeout:g} s): another process holds it",
                 )
             await self.sleep(delay)
             delay = min(delay * POLL_BACKOFF, MAX_POLL_DELAY)
 
-    async def _wait_ready(self, model: ModelConfig, backend: BackendConfig) -> None:
-        assert self.load is not None
-        deadline = self.load.started + model.load_timeout
+    async def _wait_ready(self, slot: _Slot) -> None:
+        model, engine = slot.model, slot.engine
+        deadline = slot.started + model.load_timeout
         delay = FIRST_POLL_DELAY
         while True:
-            if await self.probe.readiness(backend) is Readiness.READY:
+            if await self.probe.readiness(engine) is Readiness.READY:
                 return
             state = (await self.services.states([model.unit]))[model.unit]
             if state in ("failed", "inactive"):
@@ -441,12 +758,9 @@ class Switcher:
                 raise SwitchFailed(model.id, f"engine unit {model.unit} exited while loading ({state})", lines)
             now = self.clock()
             if now >= deadline:
-                with contextlib.suppress(UnitError):
-                    await self.services.stop(model.unit)
-                self.active_unit = self.active_backend = None
                 raise SwitchFailed(
                     model.id, f"not ready after the load timeout of {model.load_timeout:g} s; unit {model.unit} stopped"
                 )
             await self.sleep(min(delay, deadline - now))
-            if now - self.load.started >= FAST_POLL_SECONDS:
+            if now - slot.started >= FAST_POLL_SECONDS:
                 delay = min(delay * POLL_BACKOFF, MAX_POLL_DELAY)

@@ -46,7 +46,7 @@ def test_load_timeout_fails_and_stops_the_unit(router: RouterEnv) -> None:
     assert result.done
     assert router.is_active("sleepy") == "inactive"
     models = {m["id"]: m for m in router.client().get("/v1/models").json()["data"]}
-    assert models["sleepy"]["status"] == {"value": "failed"}
+    assert models["sleepy"]["status"] == {"value": "failed", "failed": True}
 
 
 def test_engine_crash_mid_stream_ends_with_an_error_event_and_the_next_request_recovers(router: RouterEnv) -> None:
