@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import CONFIG_DIR, MODEL_IDS, MODELS, ROUTER_UNIT, SCENARIO_DIR, main_pid
+from conftest import CONFIG_DIR, INVENTORY, MODEL_IDS, MODELS, ROUTER_UNIT, SCENARIO_DIR, main_pid
 
 DEPLOYED = (
     f"{CONFIG_DIR}/config.yml",
@@ -35,8 +35,10 @@ def _bad(kind: str) -> tuple[list[dict[str, Any]], str]:
         models.append({**models[0], "model": "/models/other.gguf"})
         return models, models[0]["id"]
     if kind == "unknown-backend":
+        # Refused by Ansible's own check of meta/argument_specs.yml (backend choices), which names the field and the
+        # value, not the model.
         models.append({"id": "vllm-x", "backend": "vllm", "model": "/models/x"})
-        return models, "vllm-x"
+        return models, "got: vllm"
     if kind == "bad-id-characters":
         models.append({"id": "bad id/with slash", "backend": "llamacpp", "model": "/models/x.gguf"})
         return models, "bad id/with slash"
@@ -47,10 +49,14 @@ def _bad(kind: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def _run_converge(
-    molecule_env: dict[str, str], tmp_path: Path, models: list[dict[str, Any]], *args: str
+    molecule_env: dict[str, str],
+    tmp_path: Path,
+    models: list[dict[str, Any]],
+    *args: str,
+    extra_vars: dict[str, Any] | None = None,
 ) -> tuple[int, str]:
     extra = tmp_path / "bad-models.json"
-    extra.write_text(json.dumps({"llm_router_models": models}), encoding="utf-8")
+    extra.write_text(json.dumps({"llm_router_models": models, **(extra_vars or {})}), encoding="utf-8")
     cmd = [
         "ansible-playbook",
         "-i",
@@ -88,6 +94,70 @@ def test_bad_model_list_is_refused(
     resp = client.get("/v1/models")
     assert resp.status_code == 200
     assert sorted(m["id"] for m in resp.json()["data"]) == sorted(MODEL_IDS)
+
+
+# Several engines at once (issue 8): (extra vars besides the models, the models, what the refusal must say).
+_NEEDS = {"gpu": 2}
+LIFECYCLE_BAD: dict[str, tuple[dict[str, Any], list[dict[str, Any]], str]] = {
+    "needs-unknown-resource": (
+        {"llm_router_resources": {"gpu": 24}},
+        [{**MODELS[0], "needs": {"vram": 4}}, *MODELS[1:]],
+        f'(id "{MODELS[0]["id"]}"): needs.vram: unknown resource (llm_router_resources: gpu)',
+    ),
+    "needs-above-capacity": (
+        {"llm_router_resources": {"gpu": 24}},
+        [*MODELS[:-1], {**MODELS[-1], "needs": {"gpu": 30}}],
+        f'(id "{MODELS[-1]["id"]}"): needs.gpu: 30 is more than the capacity of gpu (24)',
+    ),
+    "same-port-running-together": (
+        {"llm_router_resources": {"gpu": 24}},
+        [{**MODELS[0], "needs": _NEEDS}, {**MODELS[1], "needs": _NEEDS}, *MODELS[2:]],
+        f'(id "{MODELS[1]["id"]}"): port: {INVENTORY["llm_router_llamacpp_port"]} is also the engine port of',
+    ),
+    "alias-is-another-id": (
+        {},
+        [{**MODELS[0], "aliases": [MODELS[1]["id"]]}, *MODELS[1:]],
+        f'aliases: "{MODELS[1]["id"]}" is the id of llm_router_models[1]',
+    ),
+    "current-alias-is-an-alias": (
+        {"llm_router_current_alias": "chat"},
+        [{**MODELS[0], "aliases": ["chat"]}, *MODELS[1:]],
+        'llm_router_current_alias: "chat" is already an alias of llm_router_models[0]',
+    ),
+    "preload-too-big": (
+        {},
+        [{**MODELS[0], "preload": True}, {**MODELS[1], "preload": True}, *MODELS[2:]],
+        "cannot all run at once (gpu 1 + 1 = 2 > 1)",
+    ),
+    "negative-idle-unload": (
+        {},
+        [*MODELS[:-1], {**MODELS[-1], "idle_unload": -5}],
+        f'(id "{MODELS[-1]["id"]}"): idle_unload: must be a number of seconds, 0 (never) or more, got -5',
+    ),
+    "port-of-the-router": (
+        {},
+        [{**MODELS[0], "port": INVENTORY["llm_router_port"]}, *MODELS[1:]],
+        f"port: {INVENTORY['llm_router_port']} is the port of the router itself",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LIFECYCLE_BAD))
+def test_bad_lifecycle_settings_are_refused(
+    kind: str, box: Any, client: httpx.Client, molecule_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Resources, needs, ports, aliases, preload, idle unload: refused by the preflight, naming model and field."""
+    extra_vars, models, message = LIFECYCLE_BAD[kind]
+    before = _fingerprint(box)
+    pid_before = main_pid(box)
+    rc, output = _run_converge(molecule_env, tmp_path, models, extra_vars=extra_vars)
+    assert rc != 0, f"the role accepted {kind}:\n{output[-3000:]}"
+    flat = " ".join(output.split())  # the YAML callback folds long messages
+    assert message in flat, f"the refusal does not say {message!r}:\n{output[-3000:]}"
+    assert "nothing was changed" in flat
+    assert _fingerprint(box) == before
+    assert "changed=0" in output, output[-2000:]
+    assert main_pid(box) == pid_before, f"{ROUTER_UNIT} was restarted"
 
 
 def _models_yml(entries: list[tuple[str, dict[str, Any]]]) -> str:
