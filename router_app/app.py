@@ -8,8 +8,9 @@ from typing import Any
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from router_app import errors
-from router_app.proxy import ProxyRequest, RequestKind, handle_model_request
+from router_app import errors, lifecycle
+from router_app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from router_app.proxy import SSE_HEADERS, ProxyRequest, RequestKind, handle_model_request
 from router_app.service import RouterService
 
 log = logging.getLogger("llm_router.http")
@@ -72,10 +73,41 @@ def create_app(service: RouterService) -> Quart:
         }
         return {"status": "ok", **switcher.snapshot(), "models": engines}
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    # Open-WebUI's llama.cpp connection type calls these at the connection URL without /v1: serve both.
     @app.get("/v1/models")
+    @app.get("/models")
     async def list_models() -> dict[str, Any]:
         require_key()
         return service.models_listing()
+
+    @app.post("/models/load")
+    @app.post("/v1/models/load")
+    async def load_model() -> dict[str, Any]:
+        require_key()
+        model = lifecycle.requested_model(await request.get_data(as_text=False), service.switcher)
+        service.switcher.load(model)
+        return {"success": True}
+
+    @app.post("/models/unload")
+    @app.post("/v1/models/unload")
+    async def unload_model() -> dict[str, Any]:
+        require_key()
+        model = lifecycle.requested_model(await request.get_data(as_text=False), service.switcher)
+        await service.switcher.unload(model)
+        return {"success": True}
+
+    @app.get("/models/sse")
+    @app.get("/v1/models/sse")
+    async def model_events() -> Response:
+        require_key()
+        stream = lifecycle.status_stream(service.switcher, service.config.keepalive_interval)
+        response = Response(stream, headers=dict(SSE_HEADERS))
+        response.timeout = None
+        return response
 
     @app.get("/v1/models/<path:model_id>")
     async def get_model(model_id: str) -> dict[str, Any]:

@@ -35,6 +35,10 @@ class ModelSpec:
     env: dict[str, str] = field(default_factory=dict)
     load_timeout: float | None = None
     name: str | None = None
+    port: int | None = None
+    """This model's own engine port (models.yml `url`); None: its backend's port."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More models.yml keys: needs, idle_unload, preload, aliases."""
 
 
 DEFAULT_MODELS = [
@@ -75,7 +79,7 @@ class RouterEnv:
                 unit_of(model.id),
                 model.backend,
                 model.id,
-                ports[model.backend],
+                model.port or ports[model.backend],
                 env=env,
                 tabby_dir=tabby_dir if model.backend == "tabbyapi" else None,
             )
@@ -107,7 +111,9 @@ class RouterEnv:
                     entry["name"] = m.name
                 if m.load_timeout is not None:
                     entry["load_timeout"] = m.load_timeout
-                models["models"][m.id] = entry
+                if m.port is not None:
+                    entry["url"] = f"http://127.0.0.1:{m.port}"
+                models["models"][m.id] = {**entry, **m.extra}
         (self.config_dir / "models.yml").write_text(yaml.safe_dump(models))
 
     def events_path(self, model_id: str) -> Path:
