@@ -212,9 +212,16 @@ class Switcher:
         """The model in use now: the most recently used loaded one; else the most recently used one; else the first
         preload model; else the first model. It never names an unloaded model while one is loaded."""
         models = self.config.models
-        loaded = [s for s in self.slots.values() if s.state is SlotState.LOADED and s.model.id in models]
-        if loaded:
-            return max(loaded, key=lambda s: s.last_used).model.id
+        serving = [s for s in self.slots.values() if self._grantable(s.model.id) and s.model.id in models]
+        if serving:
+            return max(serving, key=lambda s: s.last_used).model.id
+        # A switch is under way (the loaded model is about to make room): ride along with the model being loaded
+        # or waited for, rather than queue for the one leaving, which would switch back right after.
+        coming = {s.model.id for s in self.slots.values() if s.state is SlotState.LOADING}
+        coming.update(t.model.id for t in self.waiters if not t.internal)
+        coming &= set(models)
+        if coming:
+            return max(coming, key=lambda m: self.last_used.get(m, 0.0))
         busy = [s for s in self.slots.values() if s.model.id in models]
         if busy:
             return max(busy, key=lambda s: s.last_used).model.id

@@ -207,3 +207,86 @@ def test_duplicate_model_id_is_refused_with_its_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(directory)
     assert str(error.value) == "models.yml: invalid YAML at line 3, column 3: duplicate key 'a'"
+
+
+def lifecycle_models(**per_model: dict[str, Any]) -> dict[str, Any]:
+    models: dict[str, Any] = {
+        "chat": {"backend": "llamacpp", "unit": "llm-backend-chat.service", "needs": {"gpu": 8}},
+        "embed": {
+            "backend": "llamacpp",
+            "unit": "llm-backend-embed.service",
+            "url": "http://127.0.0.1:8086",
+            "needs": {"gpu": 2},
+        },
+    }
+    for model_id, extra in per_model.items():
+        models[model_id] = {**models.get(model_id, {}), **extra}
+    return {"models": models}
+
+
+LIFECYCLE_CONFIG = {**GOOD_CONFIG, "resources": {"gpu": 10}}
+
+
+def test_lifecycle_keys_load_with_their_defaults_and_values() -> None:
+    problems: list[str] = []
+    config = parse_config(
+        {**LIFECYCLE_CONFIG, "idle_unload": 300, "current_alias": "current"},
+        lifecycle_models(embed={"aliases": ["emb"], "preload": True, "idle_unload": 0}),
+        problems,
+    )
+    assert problems == []
+    chat, embed = config.models["chat"], config.models["embed"]
+    assert config.resources == {"gpu": 10.0} and config.current_alias == "current"
+    assert config.idle_unload_of(chat) == 300 and config.idle_unload_of(embed) == 0
+    assert config.engine(embed).url == "http://127.0.0.1:8086" and config.engine(chat).url == "http://127.0.0.1:8085"
+    assert embed.preload and embed.aliases == ("emb",) and config.alias_targets() == {"emb": "embed"}
+    assert config.fits([config.needs(chat), config.needs(embed)])
+    defaults = parse_config(GOOD_CONFIG, GOOD_MODELS, problems)
+    model = defaults.models["qwen2.5-72b-exl2"]
+    assert defaults.resources == {"gpu": 1.0} and defaults.needs(model) == {"gpu": 1.0}, "one engine at a time"
+    assert defaults.idle_unload_of(model) == 0 and defaults.current_alias is None
+
+
+@pytest.mark.parametrize(
+    ("config_extra", "models", "expected"),
+    [
+        ({}, lifecycle_models(chat={"needs": {"vram": 1}}), "models.yml: models.chat.needs.vram: unknown resource"),
+        ({}, lifecycle_models(chat={"needs": {"gpu": 11}}), "models.chat.needs.gpu: 11 is more than the capacity"),
+        ({}, lifecycle_models(chat={"needs": {"gpu": -1}}), "models.chat.needs.gpu: must be a number, 0 or more"),
+        ({}, lifecycle_models(chat={"idle_unload": -5}), "models.chat.idle_unload: must be 0 or more"),
+        ({"idle_unload": -1}, lifecycle_models(), "config.yml: idle_unload: must be 0 or more"),
+        ({"resources": {"gpu": 0}}, lifecycle_models(), "config.yml: resources.gpu: capacity must be a number"),
+        (
+            {},
+            lifecycle_models(embed={"url": "http://127.0.0.1:8085"}),
+            "models.yml: models.embed.url: http://127.0.0.1:8085 is also the engine URL of 'chat'",
+        ),
+        ({}, lifecycle_models(embed={"aliases": ["chat"]}), "models.embed.aliases: 'chat' is a model id"),
+        (
+            {},
+            lifecycle_models(chat={"aliases": ["x"]}, embed={"aliases": ["x"]}),
+            "models.embed.aliases: 'x' is already an alias of 'chat'",
+        ),
+        ({"current_alias": "embed"}, lifecycle_models(), "config.yml: current_alias: 'embed' is already a model id"),
+        (
+            {},
+            lifecycle_models(
+                chat={"preload": True}, big={"backend": "sglang", "unit": "llm-backend-big.service", "preload": True}
+            ),
+            "models.yml: preload: the preload models (chat, big) cannot all run at once",
+        ),
+        ({}, lifecycle_models(chat={"aliases": ["bad id!"]}), "models.chat.aliases: each alias must be a model id"),
+        ({}, lifecycle_models(chat={"preload": "yes"}), "models.chat.preload: must be a boolean"),
+    ],
+)
+def test_lifecycle_rejections_name_file_key_and_reason(
+    config_extra: dict[str, Any], models: dict[str, Any], expected: str
+) -> None:
+    found = problems_of({**LIFECYCLE_CONFIG, **config_extra}, models)
+    assert any(expected in p for p in found), found
+
+
+def test_shared_url_is_fine_for_models_that_never_run_together() -> None:
+    models = lifecycle_models(embed={"url": "http://127.0.0.1:8085", "needs": {"gpu": 3}})
+    assert problems_of(LIFECYCLE_CONFIG, models) == [], "8 + 3 > 10: they never run at once, sharing a port is fine"
+    assert problems_of(GOOD_CONFIG, GOOD_MODELS) == []

@@ -1,0 +1,254 @@
+"""Scheduling decisions with several engines: fit by declared resources, eviction (fewest, least recently used,
+after draining), idle unload racing requests, preload, unload, aliases and the current model. Fake clock, fake
+systemd, no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from router_app.config import BackendConfig, ModelConfig, RouterConfig
+from router_app.engines import Readiness
+from router_app.switcher import Lease, ModelEvent, ModelStatus, Switcher, SwitchFailed, Ticket, UnloadReason
+
+
+class FakeClock:
+    """Monotonic seconds that move only when a test says so (`advance`); the switcher's sleeps wait for that."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sleepers.append((self.now + seconds, future))
+        await future
+
+    async def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for deadline, future in list(self.sleepers):
+            if deadline <= self.now:
+                self.sleepers.remove((deadline, future))
+                if not future.done():
+                    future.set_result(None)
+        await settle()
+
+
+class Systemd:
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+        self.calls: list[str] = []
+
+    async def start(self, unit: str) -> None:
+        self.calls.append(f"start {unit}")
+        self.running.add(unit)
+
+    async def stop(self, unit: str) -> None:
+        self.calls.append(f"stop {unit}")
+        self.running.discard(unit)
+
+    async def states(self, units: Sequence[str]) -> dict[str, str]:
+        return {u: "active" if u in self.running else "inactive" for u in units}
+
+    async def last_log_lines(self, unit: str, lines: int = 20) -> list[str]:
+        return []
+
+
+class Probe:
+    """Engines by URL: ready one poll after their unit started."""
+
+    def __init__(self, systemd: Systemd, units_by_url: dict[str, str]) -> None:
+        self.systemd = systemd
+        self.units_by_url = units_by_url
+
+    async def readiness(self, backend: BackendConfig) -> Readiness:
+        running = self.units_by_url[backend.url] in self.systemd.running
+        return Readiness.READY if running else Readiness.DOWN
+
+    async def port_closed(self, backend: BackendConfig) -> bool:
+        return self.units_by_url[backend.url] not in self.systemd.running
+
+    async def warm_up(self, backend: BackendConfig, model_id: str) -> None:
+        return None
+
+
+def unit(model_id: str) -> str:
+    return f"llm-backend-{model_id}.service"
+
+
+def make(
+    needs: dict[str, float | None],
+    capacity: float = 10,
+    idle: dict[str, float] | None = None,
+    preload: Sequence[str] = (),
+    aliases: dict[str, tuple[str, ...]] | None = None,
+    current_alias: str | None = None,
+) -> tuple[Switcher, Systemd, FakeClock, list[ModelEvent]]:
+    backends = {"llamacpp": BackendConfig("llamacpp", "http://127.0.0.1:9000", False, 5.0)}
+    models = {}
+    for index, (model_id, need) in enumerate(needs.items()):
+        models[model_id] = ModelConfig(
+            model_id,
+            "llamacpp",
+            unit(model_id),
+            model_id.upper(),
+            30.0,
+            url=f"http://127.0.0.1:{9001 + index}",
+            needs=None if need is None else {"gpu": need},
+            idle_unload=(idle or {}).get(model_id),
+            preload=model_id in preload,
+            aliases=(aliases or {}).get(model_id, ()),
+        )
+    config = RouterConfig(backends=backends, models=models, resources={"gpu": capacity}, current_alias=current_alias)
+    systemd = Systemd()
+    probe = Probe(systemd, {config.engine(m).url: m.unit for m in models.values()})
+    clock = FakeClock()
+    switcher = Switcher(config, systemd, probe, clock=clock, sleep=clock.sleep)
+    events: list[ModelEvent] = []
+    switcher.subscribe(events.append)
+    return switcher, systemd, clock, events
+
+
+async def lease_of(result: Lease | Ticket) -> Lease:
+    if isinstance(result, Lease):
+        return result
+    return await asyncio.wait_for(result.future, 5)
+
+
+async def use(switcher: Switcher, clock: FakeClock, model_id: str) -> None:
+    (await lease_of(switcher.request(model_id))).release()
+    clock.now += 1
+
+
+async def settle() -> None:
+    for _ in range(30):
+        await asyncio.sleep(0)
+
+
+async def test_models_that_fit_run_side_by_side() -> None:
+    switcher, systemd, clock, _ = make({"chat": 8, "embed": 2})
+    await use(switcher, clock, "chat")
+    await use(switcher, clock, "embed")
+    assert systemd.running == {unit("chat"), unit("embed")}
+    assert not any(c.startswith("stop") for c in systemd.calls)
+    assert isinstance(switcher.request("chat"), Lease), "a loaded model answers at once beside the other"
+
+
+async def test_without_needs_one_engine_at_a_time() -> None:
+    switcher, systemd, clock, _ = make({"a": None, "b": None})
+    await use(switcher, clock, "a")
+    await use(switcher, clock, "b")
+    assert systemd.running == {unit("b")}
+
+
+async def test_eviction_takes_the_fewest_then_the_least_recently_used() -> None:
+    switcher, systemd, clock, events = make({"z": 2, "x": 4, "y": 4, "w": 4})
+    for model in ("z", "x", "y"):  # z used first (least recently), then x, then y: 10 of 10 held
+        await use(switcher, clock, model)
+    await use(switcher, clock, "w")
+    # z alone frees too little; one of x and y suffices: x, the less recently used of them.
+    assert systemd.running == {unit("z"), unit("y"), unit("w")}
+    unloads = [(e.model, e.unload_reason) for e in events if e.status is ModelStatus.UNLOADED]
+    assert unloads == [("x", UnloadReason.SWITCH)]
+
+
+async def test_eviction_drains_the_victim_and_other_models_keep_serving() -> None:
+    switcher, systemd, clock, _ = make({"a": 6, "b": 6, "e": 2})
+    await use(switcher, clock, "e")
+    running = await lease_of(switcher.request("a"))
+    ticket = switcher.request("b")
+    assert isinstance(ticket, Ticket)
+    await settle()
+    assert unit("a") in systemd.running, "never cut off a running answer"
+    assert isinstance(switcher.request("a"), Ticket), "a model being drained for a switch takes no new requests"
+    embed = switcher.request("e")
+    assert isinstance(embed, Lease), "a model that does not conflict keeps serving at once"
+    embed.release()
+    running.release()
+    (await lease_of(ticket)).release()
+    assert unit("a") not in systemd.running and unit("e") in systemd.running
+
+
+async def test_idle_unload_and_a_request_that_comes_first_wins() -> None:
+    switcher, systemd, clock, events = make({"a": 5, "b": 5}, idle={"a": 10})
+    await use(switcher, clock, "a")  # released at t0, clock then +1
+    await clock.advance(8.9)  # 9.9 s idle
+    lease = switcher.request("a")
+    assert isinstance(lease, Lease)
+    await clock.advance(20)
+    assert unit("a") in systemd.running, "a model in use is never unloaded"
+    lease.release()
+    await clock.advance(9.5)
+    assert unit("a") in systemd.running, "the idle time starts again at the last release"
+    await clock.advance(1)
+    assert unit("a") not in systemd.running
+    assert events[-1] == ModelEvent("a", ModelStatus.UNLOADED, unload_reason=UnloadReason.IDLE)
+    assert switcher.model_status("a") is ModelStatus.UNLOADED
+
+
+async def test_preload_loads_at_start_and_adopted_units_are_kept_when_they_fit() -> None:
+    switcher, systemd, _, _ = make({"chat": 8, "embed": 2, "other": 8}, preload=["embed"])
+    systemd.running.add(unit("chat"))
+    await switcher.adopt_running_unit()
+    await settle()
+    assert switcher.model_status("chat") is ModelStatus.LOADED
+    assert switcher.model_status("embed") is ModelStatus.LOADED
+    assert systemd.calls == [f"start {unit('embed')}"], "chat adopted as it runs; embed started beside it"
+
+
+async def test_unload_of_a_loading_model_fails_its_waiters_and_stops_the_unit() -> None:
+    switcher, systemd, _, events = make({"a": None})
+    gate = asyncio.Event()
+    original = systemd.start
+
+    async def slow_start(name: str) -> None:
+        await gate.wait()
+        await original(name)
+
+    systemd.start = slow_start  # type: ignore[method-assign]
+    ticket = switcher.request("a")
+    await settle()
+    await switcher.unload("a")
+    with pytest.raises(SwitchFailed, match="unloaded"):
+        await lease_of(ticket)
+    assert switcher.model_status("a") is ModelStatus.UNLOADED
+    assert systemd.calls[-1] == f"stop {unit('a')}"
+    assert events[-1].status is ModelStatus.UNLOADED
+
+
+async def test_unload_waits_for_answers_in_flight() -> None:
+    switcher, systemd, _, _ = make({"a": None})
+    lease = await lease_of(switcher.request("a"))
+    unloading = asyncio.ensure_future(switcher.unload("a"))
+    await settle()
+    assert not unloading.done() and unit("a") in systemd.running
+    lease.release()
+    await asyncio.wait_for(unloading, 5)
+    assert unit("a") not in systemd.running
+
+
+async def test_aliases_and_the_current_model() -> None:
+    switcher, _, clock, _ = make(
+        {"a": 5, "b": 5, "c": 10}, preload=["b"], aliases={"a": ("alpha",)}, current_alias="current"
+    )
+    assert switcher.resolve("alpha") == "a"
+    assert switcher.resolve("nope") is None
+    assert switcher.resolve("current") == "b", "nothing used yet: the first preload model"
+    await use(switcher, clock, "a")
+    await use(switcher, clock, "b")
+    assert switcher.resolve("current") == "b", "the most recently used loaded model"
+    await use(switcher, clock, "a")
+    assert switcher.resolve("current") == "a"
+    ticket = switcher.request("c")  # evicts a and b
+    assert switcher.resolve("current") == "c", "during a switch: the model coming, not the one leaving"
+    (await lease_of(ticket)).release()
+    await switcher.unload("c")
+    assert switcher.resolve("current") == "c", "nothing loaded: the most recently used model"
