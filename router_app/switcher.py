@@ -263,6 +263,7 @@ class Switcher:
         if slot is None:
             return
         if slot.state is SlotState.LOADING and slot.task is not None:
+            slot.unload_requested = True
             slot.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await slot.task
@@ -653,7 +654,9 @@ class Switcher:
             log.error("%s", failure.describe())
             await self._fail_load(slot, failure)
         except asyncio.CancelledError:
-            # Unloaded while loading (or shutdown): the unit must not go on loading in the background.
+            if not slot.unload_requested:
+                raise  # the router shuts down: the unit goes on loading and is adopted by the next start
+            # Unloaded while loading: the unit must not go on loading in the background.
             with contextlib.suppress(UnitError):
                 await self.services.stop(model.unit)
             self._drop(slot)
