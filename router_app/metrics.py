@@ -17,7 +17,7 @@ from router_app.switcher import ModelEvent, ModelStatus, Switcher
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # The `_created` timestamp series double every counter's output and nobody graphs them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 SPEED_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
