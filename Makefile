@@ -33,9 +33,11 @@ test-openwebui: venv
 	scripts/openwebui-venv >/dev/null
 	$(BIN)/pytest -q tests/openwebui
 
-# The role in a systemd-nspawn box with real systemd (needs root).
+# The role in systemd-nspawn boxes with real systemd (needs root): the issue-3 inventory, then several engines at
+# once (resources, idle unload, preload, aliases, /models/load|unload through polkit).
 test-molecule: venv
 	$(BIN)/molecule test -s default
+	$(BIN)/molecule test -s lifecycle
 
 # A real llama-server through the role-deployed router in the demo box (brought up when it is not running).
 test-real: venv

@@ -157,7 +157,7 @@ def test_bad_resources(resources: Any, message: str) -> None:
         ({"port": 65536}, "port: must be a port number 1-65535, got 65536"),
         ({"port": "http"}, 'port: must be a port number 1-65535, got "http"'),
         ({"port": True}, "port: must be a port number 1-65535, got true"),
-        ({"port": 8002}, "port: 8002 is the router's own port (llm_router_port)"),
+        ({"port": 8002}, "port: 8002 is the port of the router itself (llm_router_port)"),
         ({"needs": [1]}, "needs: must be a mapping of resource name to amount, e.g. {gpu: 8}, got [1]"),
         (
             {"needs": {"vram": 1}},

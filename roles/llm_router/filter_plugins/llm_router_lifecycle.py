@@ -160,7 +160,7 @@ def _check_model(
         if number is None or not 1 <= number <= 65535:
             problems.append(f"{where}: port: must be a port number 1-65535, got {_fmt(port)}")
         elif router_port is not None and number == router_port:
-            problems.append(f"{where}: port: {number} is the router's own port (llm_router_port)")
+            problems.append(f"{where}: port: {number} is the port of the router itself (llm_router_port)")
     if "needs" in model:
         needs = model["needs"]
         if not isinstance(needs, Mapping):

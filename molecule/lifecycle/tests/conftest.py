@@ -1,0 +1,104 @@
+"""Fixtures of the lifecycle scenario's verify step (testinfra), on its own inventory.
+
+The box and SSE helpers are molecule/default's (its conftest.py, loaded here under another module name so the two
+conftest modules do not collide); the inventory is ../group_vars/llm_routers.yml.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent
+INVENTORY_FILE = SCENARIO_DIR / "group_vars" / "llm_routers.yml"
+
+
+def _load_default_helpers() -> Any:
+    path = SCENARIO_DIR.parent / "default" / "tests" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("molecule_default_helpers", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+helpers = _load_default_helpers()
+UNIT_PREFIX: str = helpers.UNIT_PREFIX
+ROUTER_UNIT: str = helpers.ROUTER_UNIT
+ROUTER_USER: str = helpers.ROUTER_USER
+CONFIG_DIR: str = helpers.CONFIG_DIR
+Stream = helpers.Stream
+stream_chat = helpers.stream_chat
+is_active = helpers.is_active
+active_backend_units = helpers.active_backend_units
+main_pid = helpers.main_pid
+run_as_router_user = helpers.run_as_router_user
+
+
+def load_inventory() -> dict[str, Any]:
+    with INVENTORY_FILE.open(encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    assert isinstance(data, dict)
+    return data
+
+
+INVENTORY = load_inventory()
+MODELS: list[dict[str, Any]] = INVENTORY["llm_router_models"]
+MODEL_IDS = [m["id"] for m in MODELS]
+BY_ID = {m["id"]: m for m in MODELS}
+RESOURCES: dict[str, float] = INVENTORY.get("llm_router_resources") or {"gpu": 1}
+
+
+def unit_of(model_id: str) -> str:
+    return f"{UNIT_PREFIX}{model_id}.service"
+
+
+def needs_of(model_id: str) -> dict[str, float]:
+    """The router's rule: no needs = every resource at full capacity; a resource not named = 0."""
+    needs = BY_ID[model_id].get("needs")
+    return dict(RESOURCES) if needs is None else {r: float(needs.get(r, 0)) for r in RESOURCES}
+
+
+def fit_together(*model_ids: str) -> bool:
+    return all(sum(needs_of(m)[r] for m in model_ids) <= cap + 1e-9 for r, cap in RESOURCES.items())
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"after {timeout:g} s: {what}")
+
+
+@pytest.fixture(scope="session")
+def router_url() -> str:
+    return f"http://127.0.0.1:{int(INVENTORY['llm_router_port'])}"
+
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    return str(INVENTORY["llm_router_api_keys"][0])
+
+
+@pytest.fixture(scope="session")
+def client(router_url: str, api_key: str) -> Iterator[httpx.Client]:
+    timeout = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=None)
+    with httpx.Client(base_url=router_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def box(host: Any) -> Any:
+    assert host.run("true").rc == 0, "cannot run commands in the box over ssh"
+    return host
