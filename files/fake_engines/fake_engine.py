@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fake inference engine: a real HTTP process that behaves like llama-server, SGLang or TabbyAPI.
+"""Fake inference engine: a real HTTP process that behaves like llama-server, SGLang, TabbyAPI or vLLM.
 
 Stdlib only (runs under Debian 12's /usr/bin/python3).  Used by llm-router's end-to-end tests and by the
 Ansible role's molecule test, launched exactly like the real engines (see README.md beside this file):
@@ -8,11 +8,15 @@ Ansible role's molecule test, launched exactly like the real engines (see README
     fake_engine.py --kind sglang [-m sglang.launch_server] --model-path MODEL --host H --port P [ARGS...]
     fake_engine.py --kind tabbyapi --model-name NAME [--model-dir D] [--host H] [--port P] [ARGS...]
         (TabbyAPI reads ./config.yml from its working directory; CLI flags override it)
+    fake_engine.py --kind vllm [-m vllm.entrypoints.openai.api_server] --model MODEL --host H --port P [ARGS...]
+    fake_engine.py --kind vllm serve MODEL --host H --port P [--served-model-name ID] [--enable-sleep-mode] [ARGS...]
 
 Environment knobs (all optional): FAKE_LOAD_SECONDS (0.5), FAKE_FAIL_LOAD, FAKE_FAIL_AFTER (0.2),
 FAKE_FAIL_MESSAGE, FAKE_CHECK_MODEL_FILE, FAKE_TOKENS (16), FAKE_TOKEN_DELAY (0.01), FAKE_SILENCE (0),
 FAKE_CRASH_AFTER, FAKE_PING_INTERVAL (15), FAKE_EMBED_DIM (8), FAKE_KEEPALIVE_TIMEOUT (5), FAKE_EVENT_LOG,
-FAKE_ACCESS_LOG (1).  Per-request magic words in the last user message (or the prompt / input):
+FAKE_ACCESS_LOG (1); vLLM sleep mode (with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1):
+FAKE_SLEEP_SECONDS (0.2), FAKE_WAKE_SECONDS (0.3), FAKE_WAKE2_SECONDS (1.0), FAKE_WAKE_FAIL,
+FAKE_ASLEEP_REQUESTS (wait|error|abort).  Per-request magic words in the last user message (or the prompt / input):
 [[tokens:N]] [[delay:S]] [[silence:S]] [[crash-after:N]] [[error]] [[error-midstream]] [[tool:NAME]].
 """
 
@@ -35,8 +39,11 @@ if TYPE_CHECKING:
     from http.server import ThreadingHTTPServer  # imported lazily at run time, after the port is bound
     from typing import Any
 
-KINDS = ("llamacpp", "sglang", "tabbyapi")
-DEFAULT_PORTS = {"llamacpp": 8080, "sglang": 30000, "tabbyapi": 5000}
+KINDS = ("llamacpp", "sglang", "tabbyapi", "vllm")
+VLLM_DEV_PATHS = ("/sleep", "/wake_up", "/is_sleeping", "/collective_rpc")
+DEFAULT_PORTS = {"llamacpp": 8080, "sglang": 30000, "tabbyapi": 5000, "vllm": 8000}
+VLLM_MODULES = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.cli.main")
+VLLM_VERSION = "0.0.0+fake"
 TABBY_SECTIONS = ("network", "logging", "model", "draft_model", "lora", "embeddings", "sampling", "developer")
 MAGIC_RE = re.compile(r"\[\[(tokens|delay|silence|crash-after|error-midstream|error|tool)(?::\s*([^\]]*))?\]\]")
 JSON_SEPARATORS = (",", ":")
@@ -84,6 +91,8 @@ class Log:
             return time.strftime("[%Y-%m-%d %H:%M:%S] ")
         if self.kind == "tabbyapi":
             return f"{level + ':':<10}"
+        if self.kind == "vllm":  # vLLM's logger: `INFO 12-01 15:55:00 [file.py:123] message`
+            return f"{level} {time.strftime('%m-%d %H:%M:%S')} [fake_engine.py] "
         return ""
 
     def _write(self, fd: int, level: str, msg: str) -> None:
@@ -135,6 +144,10 @@ CLI_FLAGS: dict[str, dict[str, str]] = {
     "sglang": {
         "--model-path": "model", "--model": "model", "--host": "host", "--port": "port",
         "--served-model-name": "alias", "--context-length": "ctx",
+    },
+    "vllm": {
+        "--model": "model", "--host": "host", "--port": "port", "--served-model-name": "alias",
+        "--max-model-len": "ctx",
     },
     "tabbyapi": {
         "--model-name": "model_name", "--model-dir": "model_dir", "--host": "host", "--port": "port",
@@ -271,16 +284,46 @@ class Config:
         self.ctx = 4096
         self.ping_interval = 15.0
         self.tabby_model_dir = "models"
+        self.sleep_mode = False  # vLLM: --enable-sleep-mode
+        self.dev_mode = False  # vLLM: VLLM_SERVER_DEV_MODE=1 registers /sleep, /wake_up, /is_sleeping, ...
+
+
+def vllm_argv(argv: list[str]) -> tuple[list[str], str]:
+    """Strip vLLM's entry point (`-m vllm.entrypoints.openai.api_server`, `-m vllm.entrypoints.cli.main serve`,
+    `serve`) and return the remaining flags plus `vllm serve`'s positional model (or "")."""
+    if argv[:1] == ["-m"]:
+        module = argv[1] if len(argv) > 1 else ""
+        if module not in VLLM_MODULES:
+            raise SystemExit(f"{sys.executable}: No module named {module}")
+        argv = argv[2:]
+        if module == "vllm.entrypoints.cli.main" and argv[:1] != ["serve"]:
+            raise SystemExit("usage: vllm serve [model_tag] [options] (the fake knows only `serve`)")
+    positional = ""
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+        if argv and not argv[0].startswith("-"):
+            positional, argv = argv[0], argv[1:]
+    return argv, positional
 
 
 def build_config(kind: str, argv: list[str], log: Log) -> Config:
     cfg = Config(kind)
+    positional = ""
+    if kind == "vllm":
+        argv, positional = vllm_argv(argv)
+        cfg.sleep_mode = any(a == "--enable-sleep-mode" or a.lower() == "--enable-sleep-mode=true" for a in argv)
+        try:  # vllm/envs.py: bool(int(os.getenv("VLLM_SERVER_DEV_MODE", "0")))
+            cfg.dev_mode = bool(int(os.environ.get("VLLM_SERVER_DEV_MODE", "0") or "0"))
+        except ValueError:
+            cfg.dev_mode = False
     if kind == "sglang" and argv[:1] == ["-m"]:
         module = argv[1] if len(argv) > 1 else ""
         if module != "sglang.launch_server":
             raise SystemExit(f"{sys.executable}: No module named {module}")
         argv = argv[2:]
     cli = parse_cli(kind, argv)
+    if positional:
+        cli["model"] = positional  # `vllm serve MODEL`: the positional wins over --model
     if kind == "tabbyapi":
         conf_path = cli.get("config") or "config.yml"
         file_cfg: dict[str, Any] = {}
@@ -315,7 +358,7 @@ def build_config(kind: str, argv: list[str], log: Log) -> Config:
         cfg.tabby_model_dir = str(mod.get("model_dir") or "models")
     else:
         if not cli.get("model"):
-            flag = "-m" if kind == "llamacpp" else "--model-path"
+            flag = {"llamacpp": "-m", "vllm": "--model"}.get(kind, "--model-path")
             raise SystemExit(f"error: no model given ({flag} MODEL)")
         cfg.model = cli["model"]
         cfg.model_path = cfg.model
@@ -323,6 +366,8 @@ def build_config(kind: str, argv: list[str], log: Log) -> Config:
         cfg.host = cli.get("host", cfg.host)
         cfg.port = int(cli.get("port", cfg.port))
         cfg.ctx = int(cli.get("ctx", cfg.ctx))
+    if kind == "vllm":
+        cfg.ping_interval = float("inf")  # vLLM sends no keep-alive comments (FAKE_PING_INTERVAL can force some)
     cfg.ping_interval = env_float("FAKE_PING_INTERVAL", cfg.ping_interval)
     return cfg
 
@@ -493,12 +538,13 @@ class Shapes:
         prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
         self.id = hexid if self.kind == "sglang" else prefix + hexid
         self.object = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+        self.finish_sent = False  # vLLM: a `length` finish rides on the last token's chunk
 
     # -- figures --------------------------------------------------------------------------------------------------
     def usage(self, timer: Timer) -> dict[str, Any]:
         p, c = self.plan.prompt_tokens, timer.n
         usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-        if self.kind == "sglang":
+        if self.kind in ("sglang", "vllm"):
             usage = {"prompt_tokens": p, "total_tokens": p + c, "completion_tokens": c, "prompt_tokens_details": None}
         elif self.kind == "tabbyapi":
             prompt_time = timer.prompt_ms() / 1000.0
@@ -536,6 +582,9 @@ class Shapes:
         elif self.kind == "sglang":
             out = {"id": self.id, "object": self.object, "created": self.created, "model": model,
                    "choices": choices, "usage": None}
+        elif self.kind == "vllm":  # pydantic exclude_unset: no `usage` key on ordinary chunks
+            out = {"id": self.id, "object": self.object, "created": self.created, "model": model,
+                   "choices": choices}
         else:
             out = {"id": self.id, "choices": choices, "created": self.created, "model": model,
                    "object": self.object, "usage": None}
@@ -547,6 +596,14 @@ class Shapes:
             choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             if self.kind == "sglang":
                 choice["matched_stop"] = None
+            elif self.kind == "vllm":
+                choice["stop_reason"] = None
+            return choice
+        if self.kind == "vllm":
+            delta = {"role": "assistant", "content": ""} if role else {"content": text or ""}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if finish is not None:
+                choice["stop_reason"] = None
             return choice
         if self.kind == "llamacpp":
             delta: dict[str, Any] = {}
@@ -569,7 +626,10 @@ class Shapes:
             return self._chunk([self._choice("", None, role=True)])
         return self._chunk([self._choice(None, None, role=True)])
 
-    def token_chunk(self, text: str) -> dict[str, Any]:
+    def token_chunk(self, text: str, last: bool = False) -> dict[str, Any]:
+        if last and self.kind == "vllm" and self.plan.finish_reason == "length":
+            self.finish_sent = True
+            return self._chunk([self._choice(text, "length")])
         return self._chunk([self._choice(text, None)])
 
     def tool_call_chunks(self, name: str, arguments: str) -> list[dict[str, Any]]:
@@ -579,6 +639,10 @@ class Shapes:
         if self.kind == "llamacpp":
             tail: dict[str, Any] = {"index": 0, "function": {"arguments": arguments}}
             deltas: list[dict[str, Any]] = [{"tool_calls": [head]}, {"tool_calls": [tail]}]
+        elif self.kind == "vllm":  # vLLM's tool parsers: name first (no arguments key), then the arguments
+            head = {"id": call_id, "type": "function", "index": 0, "function": {"name": name}}
+            tail = {"index": 0, "function": {"arguments": arguments}}
+            deltas = [{"tool_calls": [head]}, {"tool_calls": [tail]}]
         elif self.kind == "sglang":
             tail = {"id": None, "index": 0, "type": "function", "function": {"name": None, "arguments": arguments}}
             base = {"role": None, "content": None, "reasoning_content": None}
@@ -592,7 +656,7 @@ class Shapes:
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
             if self.kind == "sglang":
                 choice.update({"logprobs": None, "matched_stop": None})
-            elif self.kind == "tabbyapi":
+            elif self.kind in ("tabbyapi", "vllm"):
                 choice["logprobs"] = None
             out.append(self._chunk([choice]))
         return out
@@ -601,6 +665,8 @@ class Shapes:
         if self.kind == "llamacpp":  # llama-server: 32 random letters and digits
             alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
             return "".join(alphabet[b % len(alphabet)] for b in os.urandom(32))
+        if self.kind == "vllm":
+            return "chatcmpl-tool-" + os.urandom(16).hex()
         return "call_" + os.urandom(12).hex()
 
     def final_chunks(self, timer: Timer) -> list[dict[str, Any]]:
@@ -615,6 +681,12 @@ class Shapes:
             if self.include_usage:
                 out.append(self._chunk([], usage=self.usage(timer)))
             return out
+        if self.kind == "vllm":
+            out = [] if self.finish_sent else [self._chunk([self._choice("", finish)])]
+            if self.include_usage:  # exclude_none: no prompt_tokens_details
+                usage = {k: v for k, v in self.usage(timer).items() if v is not None}
+                out.append(self._chunk([], usage=usage))
+            return out
         usage = self.usage(timer) if self.include_usage else None
         return [self._chunk([self._choice("", finish)], usage=usage)]
 
@@ -627,6 +699,9 @@ class Shapes:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if self.kind == "sglang":
                 message.update({"reasoning_content": None, "tool_calls": None})
+            elif self.kind == "vllm":
+                message.update({"refusal": None, "annotations": None, "audio": None, "function_call": None,
+                                "tool_calls": [], "reasoning_content": None})
             elif self.kind == "tabbyapi":
                 message["tool_calls"] = None
             if self.plan.tool_call is not None:
@@ -645,6 +720,17 @@ class Shapes:
             choice.update({"logprobs": None, "matched_stop": None})
             return {"id": self.id, "object": obj, "created": self.created, "model": model, "choices": [choice],
                     "usage": self.usage(timer)}
+        if self.kind == "vllm":
+            choice.update({"logprobs": None, "finish_reason": finish, "stop_reason": None})
+            if self.endpoint == "completion":
+                choice["prompt_logprobs"] = None
+            out: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": model,
+                                   "choices": [choice], "service_tier": None, "system_fingerprint": None,
+                                   "usage": self.usage(timer)}
+            if self.endpoint == "chat":
+                out["prompt_logprobs"] = None
+            out["kv_transfer_params"] = None
+            return out
         return {"id": self.id, "choices": [choice], "created": self.created, "model": model, "object": obj,
                 "usage": self.usage(timer)}
 
@@ -658,6 +744,10 @@ def error_shape(kind: str, status: int, message: str) -> dict[str, Any]:
         etype = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}.get(
             status, "InternalServerError")
         return {"object": "error", "message": message, "type": etype, "param": None, "code": status}
+    if kind == "vllm":  # current vLLM (ErrorResponse{error: ErrorInfo}): nested; `code` is the HTTP status
+        etype = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}.get(
+            status, "InternalServerError")
+        return {"error": {"message": message, "type": etype, "param": None, "code": status}}
     return {"detail": message}
 
 
@@ -678,6 +768,16 @@ class Engine:
         self.bound_port = cfg.port
         self.embed_dim = env_int("FAKE_EMBED_DIM", 8) or 8
         self.access_log = os.environ.get("FAKE_ACCESS_LOG", "1") != "0"
+        # vLLM sleep mode: `awake` is cleared while a sleep is under way, while asleep and while waking (the
+        # scheduler is paused: new requests wait); `sleeping_tags` is what /wake_up still has to restore.
+        self.awake = threading.Event()
+        self.awake.set()
+        self.sleep_lock = threading.Lock()  # one /sleep or /wake_up at a time
+        self.sleeping_tags: set[str] = set()
+        self.sleep_level = 0
+        self.sleep_epoch = 0  # bumped by a /sleep in mode abort: running generations end with finish_reason abort
+        self.running = 0  # generations in flight (for /sleep?mode=wait)
+        self.running_cv = threading.Condition()
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def fail_load_and_exit(self, detail: str) -> None:
@@ -691,6 +791,9 @@ class Engine:
         elif cfg.kind == "sglang":
             log.error(f"Scheduler hit an exception: RuntimeError: failed to load model '{cfg.model}': {detail}")
             log.error("Received sigquit from a child process. It usually means the child failed.")
+        elif cfg.kind == "vllm":
+            log.error(f"EngineCore failed to start: RuntimeError: failed to load model '{cfg.model}': {detail}")
+            log.error("RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}")
         else:
             log.error(f"Could not load model '{cfg.model}': {detail}")
         self.events.emit("exit", code=1, reason=detail)
@@ -705,23 +808,30 @@ class Engine:
             log.info("srv  update_slots: all slots are idle")
         elif cfg.kind == "sglang":
             log.info("The server is fired up and ready to roll!")
+        elif cfg.kind == "vllm":
+            log.info(f"Starting vLLM API server 0 on http://{cfg.host}:{self.bound_port}")
+            log.info(f"Started server process [{os.getpid()}]")
+            log.info("Application startup complete.")
         else:
             log.info(f"Model successfully loaded: {cfg.model}")
             log.info(f"Uvicorn running on http://{cfg.host}:{self.bound_port} (Press CTRL+C to quit)")
         self.events.emit("ready", port=self.bound_port)
 
-    def load(self) -> None:
+    def load(self, then_ready: bool = True) -> None:
         """Sleep through the load, then become ready or fail (FAKE_FAIL_LOAD)."""
         if env_flag("FAKE_FAIL_LOAD"):
             time.sleep(env_float("FAKE_FAIL_AFTER", 0.2))
             self.fail_load_and_exit(os.environ.get("FAKE_FAIL_MESSAGE") or "fake load failure (FAKE_FAIL_LOAD=1)")
         time.sleep(env_float("FAKE_LOAD_SECONDS", 0.5))
-        self.mark_ready()
+        if then_ready:
+            self.mark_ready()
 
     # -- request dispatch -----------------------------------------------------------------------------------------
     def handle(self, h: Any, method: str) -> None:
         path = h.path.split("?", 1)[0]
         kind = self.cfg.kind
+        if kind == "vllm" and path in VLLM_DEV_PATHS:
+            return self.vllm_dev(h, method, path)
         if method == "GET":
             if path in ("/health", "/v1/health", "/health_generate"):
                 return self.health(h, path)
@@ -736,6 +846,8 @@ class Engine:
                                          "default_generation_settings": {"n_ctx": self.cfg.ctx}})
             if kind == "sglang" and path == "/get_model_info":
                 return h.send_json(200, {"model_path": self.cfg.model, "is_generation": True})
+            if kind == "vllm" and path == "/version":
+                return h.send_json(200, {"version": VLLM_VERSION})
             return self.not_found(h)
         if method != "POST":
             return self.not_found(h)
@@ -753,9 +865,121 @@ class Engine:
             return self.loading_error(h)
         if not isinstance(body, dict):
             return self.bad_request(h, "request body must be a JSON object", loc="body")
+        hold = abort_now = False
+        if kind == "vllm" and not self.awake.is_set():  # asleep, falling asleep or waking: scheduler paused
+            policy = os.environ.get("FAKE_ASLEEP_REQUESTS", "wait").strip().lower() or "wait"
+            self.events.emit("asleep_request", path=path, policy=policy)
+            if policy == "error":
+                return h.send_json(503, error_shape(kind, 503, "The engine is sleeping: wake it up first "
+                                                    "(POST /wake_up)"))
+            if policy == "abort" and path != "/v1/embeddings":
+                abort_now = True
+            else:
+                hold = True
         if path == "/v1/embeddings":
+            if hold:
+                self.awake.wait()
             return self.embeddings(h, body)
-        return self.generate(h, path, body, stream)
+        return self.generate(h, path, body, stream, hold=hold, abort_now=abort_now)
+
+    # -- vLLM's dev-mode endpoints (sleep mode) --------------------------------------------------------------------
+    def vllm_dev(self, h: Any, method: str, path: str) -> None:
+        from urllib.parse import parse_qs, urlsplit
+
+        query = parse_qs(urlsplit(h.path).query)
+        raw = h.read_body() if method == "POST" else b""
+        if not self.cfg.dev_mode:  # the routes exist only with VLLM_SERVER_DEV_MODE=1
+            return self.not_found(h)
+        if method != ("GET" if path == "/is_sleeping" else "POST"):
+            return h.send_json(405, {"detail": "Method Not Allowed"})
+        if path == "/is_sleeping":
+            return h.send_json(200, {"is_sleeping": bool(self.sleeping_tags)})
+        if path == "/collective_rpc":
+            try:
+                rpc = json.loads(raw or b"{}")
+            except ValueError as exc:
+                return h.send_json(400, {"detail": f"JSON decode error: {exc}"})
+            name = rpc.get("method") if isinstance(rpc, dict) else None
+            if name is None:
+                return h.send_json(400, {"detail": "Missing 'method' in request body"})
+            self.events.emit("collective_rpc", method=name)
+            return h.send_json(200, {"results": [None]})
+        if not self.cfg.sleep_mode:  # guessed: the engine refuses (vLLM asserts enable_sleep_mode) -> 500
+            return h.send_json(500, error_shape("vllm", 500, "Sleep mode is not enabled in the model config "
+                                                "(start the server with --enable-sleep-mode)"))
+        if path == "/sleep":
+            return self.vllm_sleep(h, query)
+        return self.vllm_wake(h, query)
+
+    def vllm_sleep(self, h: Any, query: dict[str, list[str]]) -> None:
+        try:
+            level = int(query.get("level", ["1"])[0])
+        except ValueError:
+            return h.send_raw(500, b"Internal Server Error", "text/plain; charset=utf-8")
+        mode = query.get("mode", ["abort"])[0]
+        if mode not in ("abort", "wait", "keep"):
+            return h.send_json(400, error_shape("vllm", 400, f"Invalid pause mode: {mode}"))
+        with self.sleep_lock:
+            if self.sleeping_tags:
+                self.log.warning("Executor is already sleeping.")
+                return h.send_raw(200, b"", "")
+            t0 = time.monotonic()
+            self.awake.clear()  # pause the scheduler first: new requests wait (FAKE_ASLEEP_REQUESTS)
+            if mode == "abort":
+                self.sleep_epoch += 1  # running generations end at their next token with finish_reason abort
+            else:  # wait (keep is treated like wait: see README)
+                with self.running_cv:
+                    self.running_cv.wait_for(lambda: self.running == 0)
+            time.sleep(max(0.0, env_float("FAKE_SLEEP_SECONDS", 0.2)))
+            self.sleeping_tags = {"weights", "kv_cache"}
+            self.sleep_level = level
+            seconds = round(time.monotonic() - t0, 6)
+            self.log.info(f"It took {seconds:.6f} seconds to fall asleep.")
+            self.events.emit("sleep", level=level, mode=mode, seconds=seconds)
+        return h.send_raw(200, b"", "")
+
+    def vllm_wake(self, h: Any, query: dict[str, list[str]]) -> None:
+        tags = query.get("tags") or None
+        self.log.info(f"wake up the engine with tags: {tags}")
+        with self.sleep_lock:
+            if not self.sleeping_tags:
+                self.log.warning("Executor is not sleeping.")
+                return h.send_raw(200, b"", "")
+            if tags and any(t not in self.sleeping_tags for t in tags):
+                self.log.warning(f"Tag {tags} is not in sleeping tags {sorted(self.sleeping_tags)}")
+                return h.send_raw(200, b"", "")
+            waking = set(tags) if tags else set(self.sleeping_tags)
+            level = self.sleep_level
+            t0 = time.monotonic()
+            if env_flag("FAKE_WAKE_FAIL"):
+                time.sleep(0.05)
+                reason = "fake wake-up failure (FAKE_WAKE_FAIL=1): CUDA error: out of memory"
+                self.log.error(f"Wake up failed: {reason}")
+                self.events.emit("wake_failed", level=level, reason=reason)
+                return h.send_json(500, error_shape("vllm", 500, reason))
+            if "weights" in waking:  # level 2 discarded the weights: they come back from disk (slower)
+                knob, default = ("FAKE_WAKE2_SECONDS", 1.0) if level >= 2 else ("FAKE_WAKE_SECONDS", 0.3)
+                time.sleep(max(0.0, env_float(knob, default)))
+            self.sleeping_tags -= waking
+            if not self.sleeping_tags:
+                self.sleep_level = 0
+                self.awake.set()  # resume the scheduler: held requests run now
+            seconds = round(time.monotonic() - t0, 6)
+            self.log.info(f"It took {seconds:.6f} seconds to wake up tags {sorted(waking)}.")
+            self.events.emit("wake", level=level, tags=sorted(waking), seconds=seconds,
+                             is_sleeping=bool(self.sleeping_tags))
+        return h.send_raw(200, b"", "")
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Any:
+        with self.running_cv:
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.running_cv:
+                self.running -= 1
+                self.running_cv.notify_all()
 
     # -- simple endpoints -----------------------------------------------------------------------------------------
     def health(self, h: Any, path: str) -> None:
@@ -771,6 +995,8 @@ class Engine:
                 self.log.info("Prefill batch. #new-seq: 1, #new-token: 1, #cached-token: 0, token usage: 0.00, "
                               "#running-req: 0, #queue-req: 0")
             return h.send_raw(status, b"", "text/plain; charset=utf-8")
+        if kind == "vllm":  # Response(status_code=200): empty body, no content type (also while asleep)
+            return h.send_raw(200, b"", "")
         return h.send_json(200, {"status": "healthy", "issues": []})
 
     def loading_error(self, h: Any) -> None:
@@ -812,6 +1038,14 @@ class Engine:
             return h.send_json(200, {"object": "list", "data": [
                 {"id": cfg.model_id, "object": "model", "created": self.created, "owned_by": "sglang",
                  "root": cfg.model, "parent": None, "max_model_len": cfg.ctx}]})
+        if kind == "vllm":
+            permission = {"id": "modelperm-" + os.urandom(16).hex(), "object": "model_permission",
+                          "created": self.created, "allow_create_engine": False, "allow_sampling": True,
+                          "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                          "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}
+            return h.send_json(200, {"object": "list", "data": [
+                {"id": cfg.model_id, "object": "model", "created": self.created, "owned_by": "vllm",
+                 "root": cfg.model, "parent": None, "max_model_len": cfg.ctx, "permission": [permission]}]})
         names = [cfg.model_id] if cfg.model_id else []
         model_dir = cfg.tabby_model_dir
         with contextlib.suppress(OSError):
@@ -849,19 +1083,25 @@ class Engine:
         usage: dict[str, Any] = {"prompt_tokens": tokens, "total_tokens": tokens}
         if self.cfg.kind == "sglang":
             usage.update({"completion_tokens": 0, "prompt_tokens_details": None})
+        if self.cfg.kind == "vllm":
+            usage.update({"completion_tokens": 0, "prompt_tokens_details": None})
+            return h.send_json(200, {"id": "embd-" + os.urandom(16).hex(), "object": "list",
+                                     "created": int(time.time()), "model": model, "data": data, "usage": usage})
         return h.send_json(200, {"object": "list", "data": data, "model": model, "usage": usage})
 
     def magic_error(self, h: Any) -> None:
         return h.send_json(400, error_shape(self.cfg.kind, 400, "fake error requested with [[error]]"))
 
     # -- generation -----------------------------------------------------------------------------------------------
-    def generate(self, h: Any, path: str, body: dict[str, Any], stream: bool) -> None:
+    def generate(self, h: Any, path: str, body: dict[str, Any], stream: bool, hold: bool = False,
+                 abort_now: bool = False) -> None:
         endpoint = "chat" if path == "/v1/chat/completions" else "completion"
         if endpoint == "chat":
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 msg = {"llamacpp": "'messages' is required", "sglang": "1 validation error: body.messages: Field "
-                       "required", "tabbyapi": "Field required"}[self.cfg.kind]
+                       "required", "tabbyapi": "Field required", "vllm": "[{'type': 'missing', 'loc': ('body', "
+                       "'messages'), 'msg': 'Field required', 'input': None}]"}[self.cfg.kind]
                 return self.bad_request(h, msg, loc="messages")
             texts = [content_text(m.get("content")) for m in messages if isinstance(m, dict)]
             users = [content_text(m.get("content")) for m in messages
@@ -871,7 +1111,8 @@ class Engine:
             prompt = body.get("prompt")
             if prompt is None or prompt == "" or prompt == []:
                 msg = {"llamacpp": "'prompt' is required", "sglang": "1 validation error: body.prompt: Field "
-                       "required", "tabbyapi": "Field required"}[self.cfg.kind]
+                       "required", "tabbyapi": "Field required", "vllm": "[{'type': 'missing', 'loc': ('body', "
+                       "'prompt'), 'msg': 'Field required', 'input': None}]"}[self.cfg.kind]
                 return self.bad_request(h, msg, loc="prompt")
             if isinstance(prompt, list):
                 magic_text = " ".join(p if isinstance(p, str) else "" for p in prompt)
@@ -886,65 +1127,84 @@ class Engine:
             if plan.tool_call is not None:  # two "tokens": the name chunk and the arguments chunk
                 plan.tokens, plan.finish_reason = 2, "tool_calls"
                 self.events.emit("tool_call", path=path, name=plan.tool_call[0], arguments=plan.tool_call[1])
+        if abort_now:  # FAKE_ASLEEP_REQUESTS=abort: answered at once, no tokens, finish_reason abort
+            plan.tokens, plan.finish_reason, plan.tool_call, plan.silence = 0, "abort", None, 0.0
         opts = body.get("stream_options")
         include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
         shapes = Shapes(self, endpoint, plan, include_usage)
         if stream:
-            return self.stream(h, path, shapes, plan)
-        timer = Timer()
-        time.sleep(plan.silence)
-        text = []
-        for i in range(1, plan.tokens + 1):
+            return self.stream(h, path, shapes, plan, hold)
+        if hold:
+            self.awake.wait()
+        with self.in_flight():
+            epoch = self.sleep_epoch
+            timer = Timer()
+            time.sleep(plan.silence)
+            text = []
+            for i in range(1, plan.tokens + 1):
+                if plan.crash_after is not None and timer.n >= plan.crash_after:
+                    self.crash(plan.crash_after)
+                if self.sleep_epoch != epoch:  # a /sleep (mode abort) came in
+                    plan.finish_reason = "abort"
+                    break
+                if i > 1 and plan.delay > 0:
+                    time.sleep(plan.delay)
+                text.append(token_text(i))
+                timer.token()
             if plan.crash_after is not None and timer.n >= plan.crash_after:
                 self.crash(plan.crash_after)
-            if i > 1 and plan.delay > 0:
-                time.sleep(plan.delay)
-            text.append(token_text(i))
-            timer.token()
-        if plan.crash_after is not None and timer.n >= plan.crash_after:
-            self.crash(plan.crash_after)
-        return h.send_json(200, shapes.response("".join(text), timer))
+            return h.send_json(200, shapes.response("".join(text), timer))
 
     def crash(self, n: int) -> None:
         self.events.emit("crash", after=n)
         self.log.error(f"fake engine: crashing on purpose after {n} tokens ([[crash-after:{n}]])")
         os._exit(3)
 
-    def stream(self, h: Any, path: str, shapes: Shapes, plan: Plan) -> None:
+    def stream(self, h: Any, path: str, shapes: Shapes, plan: Plan, hold: bool = False) -> None:
         w = SSEWriter(h, self, path)
-        timer = Timer()
         try:
-            w.wait(plan.silence)
-            if plan.crash_after == 0:
-                self.crash(0)
-            role = shapes.role_chunk()
-            if role is not None:
-                w.event(role)
-            tool_chunks = shapes.tool_call_chunks(*plan.tool_call) if plan.tool_call is not None else []
-            for i in range(1, plan.tokens + 1):
-                if i > 1:
-                    w.wait(plan.delay)
-                w.event(tool_chunks[i - 1] if tool_chunks else shapes.token_chunk(token_text(i)))
-                timer.token()
-                if plan.crash_after is not None and timer.n >= plan.crash_after:
-                    self.crash(plan.crash_after)
-                if plan.error_midstream and timer.n >= min(2, plan.tokens):
-                    return self.midstream_error(w)
-            if plan.error_midstream:  # zero tokens requested
-                return self.midstream_error(w)
-            for chunk in shapes.final_chunks(timer):
-                w.event(chunk)
-            w.done()
-            self.events.emit("stream_completed", path=path, tokens=timer.n)  # before the client can see the end
-            w.close()
+            while hold and not self.awake.is_set():  # vLLM: headers at once, then nothing until the wake-up
+                w.wait(0.05)
+            with self.in_flight():
+                self._stream(w, path, shapes, plan)
         except ClientGone:
             return
+
+    def _stream(self, w: SSEWriter, path: str, shapes: Shapes, plan: Plan) -> None:
+        timer = Timer()
+        epoch = self.sleep_epoch
+        w.wait(plan.silence)
+        if plan.crash_after == 0:
+            self.crash(0)
+        role = shapes.role_chunk()
+        if role is not None:
+            w.event(role)
+        tool_chunks = shapes.tool_call_chunks(*plan.tool_call) if plan.tool_call is not None else []
+        for i in range(1, plan.tokens + 1):
+            if i > 1:
+                w.wait(plan.delay)
+            if self.sleep_epoch != epoch:  # a /sleep (mode abort) came in: vLLM finishes with `abort`
+                plan.finish_reason = "abort"
+                break
+            w.event(tool_chunks[i - 1] if tool_chunks else shapes.token_chunk(token_text(i), i == plan.tokens))
+            timer.token()
+            if plan.crash_after is not None and timer.n >= plan.crash_after:
+                self.crash(plan.crash_after)
+            if plan.error_midstream and timer.n >= min(2, plan.tokens):
+                return self.midstream_error(w)
+        if plan.error_midstream:  # zero tokens requested
+            return self.midstream_error(w)
+        for chunk in shapes.final_chunks(timer):
+            w.event(chunk)
+        w.done()
+        self.events.emit("stream_completed", path=path, tokens=timer.n)  # before the client can see the end
+        w.close()
 
     def midstream_error(self, w: SSEWriter) -> None:
         message = "fake error in the middle of the stream ([[error-midstream]])"
         if self.cfg.kind == "llamacpp":  # llama-server writes a bare `error:` line and ends the stream
             w.write(b"error: " + dumps({"code": 500, "message": message, "type": "server_error"}) + b"\n\n")
-        elif self.cfg.kind == "sglang":
+        elif self.cfg.kind in ("sglang", "vllm"):  # vLLM: create_streaming_error_response, then [DONE]
             w.event({"error": {"message": message, "type": "InternalServerError", "param": None, "code": 500}})
             w.done()
         else:
@@ -1111,7 +1371,8 @@ def make_server(sock: socket.socket, engine: Engine) -> ThreadingHTTPServer:
 
         def send_raw(self, status: int, data: bytes, ctype: str) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", ctype)
+            if ctype:
+                self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -1120,7 +1381,7 @@ def make_server(sock: socket.socket, engine: Engine) -> ThreadingHTTPServer:
             self.send_raw(status, dumps(obj), "application/json; charset=utf-8")
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-            if not engine.access_log or (self.path == "/health" and kind != "sglang"):
+            if not engine.access_log or (self.path == "/health" and kind not in ("sglang", "vllm")):
                 return
             if kind == "llamacpp":
                 engine.log.info(f"srv  log_server_r: request: {self.command} {self.path} "
@@ -1146,13 +1407,14 @@ def make_server(sock: socket.socket, engine: Engine) -> ThreadingHTTPServer:
     return server
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, listen: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(256)
+        if listen:
+            sock.listen(256)
     except OSError:
         sock.close()
         raise
@@ -1187,6 +1449,8 @@ def model_missing(engine: Engine) -> int:
         log.error("main: exiting due to model loading error")
     elif cfg.kind == "sglang":
         log.error(f"OSError: model path '{cfg.model}' does not exist (not a local folder or file)")
+    elif cfg.kind == "vllm":
+        log.error(f"OSError: {cfg.model} is not a local folder and is not a valid model identifier")
     else:
         log.error(f"FileNotFoundError: model path {cfg.model_path} does not exist. Check model_name?")
     engine.events.emit("exit", code=1, reason=f"model not found: {cfg.model_path}")
@@ -1235,6 +1499,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"srv    load_model: loading model '{cfg.model}'")
     elif kind == "sglang":
         log.info(f"server_args=ServerArgs(model_path='{cfg.model}', host='{cfg.host}', port={cfg.port})")
+    elif kind == "vllm":
+        log.info(f"vLLM API server version {VLLM_VERSION}")
+        log.info(f"non-default args: {{'model': '{cfg.model}', 'host': '{cfg.host}', 'port': {cfg.port}, "
+                 f"'served_model_name': ['{cfg.model_id}'], 'enable_sleep_mode': {cfg.sleep_mode}}}")
+        if cfg.dev_mode:
+            log.warning("SECURITY WARNING: Development endpoints are enabled! This should NOT be used in production!")
     else:
         log.info("Starting TabbyAPI (fake)")
     if env_flag("FAKE_CHECK_MODEL_FILE") and cfg.model_path and not os.path.exists(cfg.model_path):
@@ -1258,6 +1528,17 @@ def main(argv: list[str] | None = None) -> int:
             sock = bind(cfg.host, engine.bound_port)
         except OSError as exc:
             return bind_error(engine, exc)
+        server = make_server(sock, engine)
+        engine.mark_ready()
+    elif kind == "vllm":
+        # vLLM binds its socket before the engine starts (so a busy port fails at once) but listens only once the
+        # model is loaded and the app is built: until then connections are refused.
+        try:
+            sock = bind(cfg.host, cfg.port, listen=False)
+        except OSError as exc:
+            return bind_error(engine, exc)
+        engine.load(then_ready=False)
+        sock.listen(256)
         server = make_server(sock, engine)
         engine.mark_ready()
     else:
