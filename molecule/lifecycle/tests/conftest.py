@@ -7,6 +7,7 @@ conftest modules do not collide); the inventory is ../group_vars/llm_routers.yml
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -96,6 +97,15 @@ def client(router_url: str, api_key: str) -> Iterator[httpx.Client]:
     timeout = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=None)
     with httpx.Client(base_url=router_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def molecule_env() -> dict[str, str]:
+    """What a nested ansible-playbook run needs: molecule's inventory and ansible.cfg (ROLES_PATH etc.)."""
+    env = dict(os.environ)
+    for key in ("MOLECULE_INVENTORY_FILE", "ANSIBLE_CONFIG", "ANSIBLE_ROLES_PATH"):
+        assert env.get(key), f"{key} is not set: run these tests through `molecule verify`/`molecule test`"
+    return env
 
 
 @pytest.fixture(scope="module")

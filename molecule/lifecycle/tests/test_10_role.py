@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +17,7 @@ from conftest import (
     INVENTORY,
     MODEL_IDS,
     RESOURCES,
+    SCENARIO_DIR,
     fit_together,
     run_as_router_user,
     unit_of,
@@ -75,3 +80,23 @@ def test_models_yml_has_the_per_model_settings(box: Any) -> None:
 def test_router_accepts_its_configuration(box: Any) -> None:
     check = run_as_router_user(box, f"/opt/llm-router/venv/bin/llm-router check-config --config-dir {CONFIG_DIR}")
     assert check.rc == 0, check.stdout + check.stderr
+
+
+def test_check_mode_shows_a_resources_change_and_changes_nothing(
+    box: Any, molecule_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`--check --diff` with a bigger GPU: chat-a and chat-b would fit together, their Conflicts= go (shown in the
+    diff); nothing on the host changes."""
+    fingerprint = "sha256sum /etc/llm-router/* /etc/systemd/system/llm-backend-*.service /opt/llm-router/engines/*"
+    before = box.run(fingerprint).stdout
+    extra = tmp_path / "bigger-gpu.json"
+    extra.write_text(json.dumps({"llm_router_resources": {"gpu": 40}}), encoding="utf-8")
+    playbook = Path(os.environ.get("MOLECULE_SCENARIO_DIRECTORY", SCENARIO_DIR)) / "converge.yml"
+    cmd = ["ansible-playbook", "-i", molecule_env["MOLECULE_INVENTORY_FILE"], "--check", "--diff", "-e", f"@{extra}"]
+    proc = subprocess.run([*cmd, str(playbook)], env=molecule_env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "-Conflicts=llm-backend-chat-b.service" in output, output[-3000:]
+    assert "-Conflicts=llm-backend-chat-a.service" in output, output[-3000:]
+    assert '+resources: {"gpu": 40}' in output, output[-3000:]
+    assert box.run(fingerprint).stdout == before, "check mode changed files on the host"
