@@ -40,6 +40,7 @@ MAIN_MODELS = [
     ModelSpec("llama-tasks", "llamacpp", env={"FAKE_LOAD_SECONDS": "2"}, name="Llama Tasks"),
     ModelSpec("sglang-usage", "sglang", env={"FAKE_LOAD_SECONDS": "1"}, name="SGLang Usage"),
     ModelSpec("llama-stop", "llamacpp", env={"FAKE_LOAD_SECONDS": "6"}, name="Llama Stop"),
+    ModelSpec("llama-eject", "llamacpp", env={"FAKE_LOAD_SECONDS": "1"}, name="Llama Eject"),
 ]
 CONTENT_MODELS = [
     ModelSpec("content-llama", "llamacpp", env={"FAKE_LOAD_SECONDS": "3"}, name="Content Llama"),

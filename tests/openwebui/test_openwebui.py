@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Locator, Page, expect
 
 from tests.e2e.conftest import RouterEnv, unit_of
 from tests.openwebui.harness import (
@@ -345,3 +349,192 @@ def test_g_stop_during_a_load_keeps_the_load_going(
     journal = router.systemd.journal_path(unit_of("llama-stop")).read_text()
     assert journal.count("Started ") == 1, journal
     assert router_health(router)["models"]["llama-stop"]["status"] == "loaded"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# h. connection provider `llama.cpp`: the loaded dot, Eject and "Load Model" drive the router's lifecycle API
+# ----------------------------------------------------------------------------------------------------------------
+MAIN_CONNECTION = 0  # the main router is Open-WebUI's first OpenAI connection (conftest's OPENAI_API_BASE_URLS)
+LOADED_DOT = "span.rounded-full.bg-green-500"  # ModelItem.svelte: the green dot, tooltip "Loaded"
+LIFECYCLE_PATHS = re.compile(r"^/(api/models/(load|unload)|openai/models/\d+/(load|unload|sse|catalog))$")
+
+
+@contextmanager
+def connection_provider(openwebui: OpenWebUI, idx: int, provider: str) -> Iterator[None]:
+    """Set one connection's provider type (Admin Settings > Connections > the connection's "Provider Type"), and put
+    the whole OpenAI config back afterwards: the other cases expect the Default provider."""
+    original = openwebui.api("GET", "/openai/config")
+    changed = json.loads(json.dumps(original))
+    configs = changed.setdefault("OPENAI_API_CONFIGS", {})
+    configs[str(idx)] = {**configs.get(str(idx), {}), "provider": provider}
+    openwebui.api("POST", "/openai/config/update", changed)
+    try:
+        yield
+    finally:
+        openwebui.api("POST", "/openai/config/update", original)
+
+
+def router_models(env: RouterEnv) -> dict[str, str]:
+    """The router's own lifecycle listing, `GET /models` (Open-WebUI's llama.cpp path): id -> status.value."""
+    response = httpx.get(env.base + "/models", timeout=5)
+    assert response.status_code == 200, response.text
+    return {m["id"]: m["status"]["value"] for m in response.json()["data"]}
+
+
+def router_unloads(env: RouterEnv, model_id: str, reason: str) -> float:
+    """llm_router_model_unloads_total{model, reason} from the router's /metrics (0 before the first one)."""
+    text = httpx.get(env.base + "/metrics", timeout=5).text
+    for line in text.splitlines():
+        labels = (f'model="{model_id}"', f'reason="{reason}"')
+        if line.startswith("llm_router_model_unloads_total{") and all(label in line for label in labels):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class SseReader(threading.Thread):
+    """Reads an SSE stream (here Open-WebUI's `/openai/models/{idx}/sse`, which relays the router's
+    `/models/sse`) in the background and keeps its `model_status` events, until `until` is seen or it is closed."""
+
+    def __init__(self, url: str, token: str, until: tuple[str, str], timeout: float = 30) -> None:
+        super().__init__(daemon=True)
+        self.url, self.token, self.until, self.timeout = url, token, until, timeout
+        self.events: list[dict[str, Any]] = []
+        self.opened = threading.Event()
+        self.error: BaseException | None = None
+        self.status_code = 0
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        headers = {"Authorization": f"Bearer {self.token}"}
+        try:
+            with httpx.stream("GET", self.url, headers=headers, timeout=httpx.Timeout(10, read=5)) as response:
+                self.status_code = response.status_code
+                self.opened.set()
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        event = json.loads(line[len("data: ") :])
+                        self.events.append(event)
+                        if (event.get("model"), event.get("data", {}).get("status")) == self.until:
+                            return
+                    if time.monotonic() > deadline:
+                        return
+        except BaseException as exc:  # reported by the test, never swallowed
+            self.error = exc
+        finally:
+            self.opened.set()
+
+    def statuses(self, model_id: str) -> list[str]:
+        return [e["data"]["status"] for e in self.events if e.get("model") == model_id]
+
+
+def open_manage_models(page: Page) -> Locator:
+    """Admin Settings > Models > Actions > Manage: the "Manage Models" dialog of the llama.cpp connections."""
+    page.get_by_role("button", name="Actions").click()
+    page.get_by_role("button", name="Manage", exact=True).click()
+    dialog = page.get_by_role("dialog").filter(has_text="Manage Models").last
+    expect(dialog).to_contain_text("Model providers")
+    return dialog
+
+
+def test_h_llamacpp_provider_loaded_dot_eject_and_load_model(
+    page: Page, openwebui: OpenWebUI, router: RouterEnv, results: Path
+) -> None:
+    model_id, name = "llama-eject", "Llama Eject"
+    chat = ChatPage(page, openwebui, results)
+    sent: list[tuple[str, str, Any]] = []  # what the web page asks Open-WebUI to do (method, path, JSON body)
+
+    def record(request: Any) -> None:
+        path = urlparse(request.url).path
+        if LIFECYCLE_PATHS.match(path):
+            sent.append((request.method, path, request.post_data_json if request.method == "POST" else None))
+
+    page.on("request", record)
+    with connection_provider(openwebui, MAIN_CONNECTION, "llama.cpp"):
+        # The router has this model loaded (its own POST /models/load, as any client could ask).
+        response = httpx.post(router.base + "/models/load", json={"model": model_id}, timeout=10)
+        assert (response.status_code, response.json()) == (200, {"success": True}), response.text
+        wait_for(lambda: router_models(router)[model_id] == "loaded", 20, f"the router to load {model_id}")
+        assert router.is_active(model_id) == "active"
+        listed = {m["id"]: m for m in openwebui.api("GET", "/api/models?refresh=true")["data"]}
+        assert listed[model_id].get("loaded") is True, listed[model_id]
+        for other in set(router.models) - {model_id}:
+            assert listed[other].get("loaded") is False, (other, listed[other].get("loaded"))
+
+        # 1. the model selector: the green "loaded" dot on this model only
+        page.goto(openwebui.base + "/")
+        expect(page.locator("#chat-input")).to_be_editable(timeout=60_000)
+        page.locator("#model-selector-model-button").click()
+        listbox = page.get_by_role("listbox", name="Available models")
+        option = listbox.locator(f'[role="option"][data-value="{model_id}"]')
+        expect(option).to_have_attribute("aria-label", f"Select {name} model")
+        expect(option.locator(LOADED_DOT)).to_have_count(1)
+        for other in router.models:
+            if other != model_id:
+                expect(listbox.locator(f'[role="option"][data-value="{other}"]').locator(LOADED_DOT)).to_have_count(0)
+        expect(listbox.locator(LOADED_DOT)).to_have_count(1)
+        option.hover()
+        eject = option.locator('button[aria-label="Eject model"]')
+        expect(eject).to_be_visible()
+        eject.hover()  # its tooltip: "Eject"
+        chat.screenshot("h1_loaded_dot.png")
+
+        # 2. Eject: Open-WebUI's /api/models/unload -> the router's POST /models/unload -> the unit stops
+        unloads_before = router_unloads(router, model_id, "request")
+        eject.click()
+        expect(page.get_by_text("Model unloaded successfully")).to_be_visible(timeout=20_000)
+        assert router.is_active(model_id) == "inactive"
+        assert router_models(router)[model_id] == "unloaded"
+        assert router_unloads(router, model_id, "request") == unloads_before + 1
+        expect(option.locator(LOADED_DOT)).to_have_count(0)
+        expect(option.locator('button[aria-label="Eject model"]')).to_have_count(0)
+        expect(listbox.locator(LOADED_DOT)).to_have_count(0)
+        chat.screenshot("h2_after_eject.png")
+        page.keyboard.press("Escape")
+
+        # 3. The model selector's menu has no "load"; Admin Settings > Models > Actions > Manage has "Load Model" for
+        # a llama.cpp connection: Open-WebUI's /openai/models/0/load -> the router's /models/load. Meanwhile
+        # Open-WebUI's /openai/models/0/sse relays the router's /models/sse (the page itself never opens it).
+        sse = SseReader(f"{openwebui.base}/openai/models/{MAIN_CONNECTION}/sse", openwebui.token, (model_id, "loaded"))
+        sse.start()
+        assert sse.opened.wait(15) and sse.status_code == 200, (sse.status_code, sse.error)
+        page.goto(openwebui.base + "/admin/settings/models")
+        dialog = open_manage_models(page)
+        row = dialog.locator("div.border-b").filter(has_text=model_id)
+        chip = row.locator("span.rounded-full")
+        expect(chip).to_have_text("unloaded")
+        row.get_by_role("button", name="Load Model", exact=True).click()
+        expect(page.get_by_text("Model loaded successfully")).to_be_visible(timeout=20_000)
+        wait_for(lambda: router.is_active(model_id) == "active", 20, f"the unit of {model_id} to start")
+        wait_for(lambda: router_models(router)[model_id] == "loaded", 20, f"the router to report {model_id} loaded")
+        sse.join(20)
+        assert sse.error is None, sse.error
+        statuses = sse.statuses(model_id)
+        assert statuses[:1] == ["loading"] and statuses[-1] == "loaded", sse.events
+
+        dialog.get_by_role("button", name="Close").click()  # reopened, it lists the router's /models afresh
+        expect(dialog).to_have_count(0)
+        dialog = open_manage_models(page)
+        expect(chip).to_have_text("loaded")
+        expect(row.get_by_role("button", name="Load Model", exact=True)).to_be_disabled()
+        expect(row.get_by_role("button", name="Unload Model", exact=True)).to_be_enabled()
+        chat.screenshot("h3_manage_models.png")
+
+        page.goto(openwebui.base + "/")
+        expect(page.locator("#chat-input")).to_be_editable(timeout=60_000)
+        page.locator("#model-selector-model-button").click()
+        listbox = page.get_by_role("listbox", name="Available models")
+        expect(listbox.locator(f'[role="option"][data-value="{model_id}"]').locator(LOADED_DOT)).to_have_count(1)
+        expect(listbox.locator(LOADED_DOT)).to_have_count(1)
+        chat.screenshot("h3_loaded_from_menu.png")
+
+    posts = [(method, path, body) for method, path, body in sent if method == "POST"]
+    assert posts == [
+        ("POST", "/api/models/unload", {"model": model_id}),
+        ("POST", f"/openai/models/{MAIN_CONNECTION}/load", {"model": model_id}),
+    ], sent
+    assert {path for method, path, _ in sent if method == "GET"} == {f"/openai/models/{MAIN_CONNECTION}/catalog"}, sent
+    assert len(router.events(model_id, "start")) == 2, router.events(model_id, "start")
+    assert (
+        openwebui.api("GET", "/openai/config")["OPENAI_API_CONFIGS"].get(str(MAIN_CONNECTION), {}).get("provider")
+        != "llama.cpp"
+    ), "the connection's provider was put back"
