@@ -6,7 +6,7 @@ Two kinds of text exist, both built only here:
 
       🔀 Switching to Llama 3.3 70B
       ⏳ Waiting for 1 running answer on qwen-32b to finish, 4.0 s elapsed
-      ⏳ Loading Llama 3.3 70B: 12 s elapsed, timeout 600 s, ~45 s expected
+      ⏳ Loading Llama 3.3 70B: 12 s elapsed, timeout 600 s, ~45 s expected   (or ⏳ Waking ...: a vLLM engine asleep)
       ✅ Llama 3.3 70B ready in 47 s
       <blank line, then the model's own text>
 
@@ -76,6 +76,15 @@ def loading_line(model: str, elapsed: float, timeout: float, expected: float | N
     return line + "\n"
 
 
+def waking_line(model: str, elapsed: float, timeout: float, expected: float | None = None) -> str:
+    """Progress while a sleeping engine (vLLM sleep mode) wakes up; `expected` from this model's previous wakes."""
+    line = f"{WAIT_MARK} Waking {_one_line(model)}: {format_seconds(elapsed)} s elapsed"
+    line += f", timeout {format_seconds(timeout)} s"
+    if expected is not None:
+        line += f", ~{format_seconds(expected)} s expected"
+    return line + "\n"
+
+
 def ready_line(model: str, seconds: float) -> str:
     """Last status line of a successful switch; the blank line separates it from the model's own text."""
     return f"{READY_MARK} {_one_line(model)} ready in {format_seconds(seconds)} s\n\n"
@@ -98,7 +107,7 @@ _TEXT = r"[^\r\n]+"
 _PROGRESS_LINE = (
     rf"(?:{SWITCH_MARK} Switching to {_TEXT}"
     rf"|{WAIT_MARK} Waiting for \d+ running answers? on {_TEXT} to finish(?:, {_NUM} s elapsed)?"
-    rf"|{WAIT_MARK} Loading {_TEXT}: {_NUM} s elapsed, timeout {_NUM} s(?:, ~{_NUM} s expected)?)"
+    rf"|{WAIT_MARK} (?:Loading|Waking) {_TEXT}: {_NUM} s elapsed, timeout {_NUM} s(?:, ~{_NUM} s expected)?)"
 )
 _FINAL_LINE = rf"(?:{READY_MARK} {_TEXT} ready in {_NUM} s|{FAILED_MARK} Loading {_TEXT} failed: {_TEXT})"
 # A block is progress lines closed by a final line; an unclosed block counts only when it is the whole text (the

@@ -20,7 +20,9 @@ CONFIG_DIR_ENV = "LLM_ROUTER_CONFIG_DIR"
 CONFIG_FILE = "config.yml"
 MODELS_FILE = "models.yml"
 
-BACKEND_KINDS = ("llamacpp", "sglang", "tabbyapi")
+BACKEND_KINDS = ("llamacpp", "sglang", "tabbyapi", "vllm")
+SLEEP_LEVELS = (1, 2)
+"""vLLM sleep mode: 1 offloads the weights to host RAM (fast wake), 2 discards them (frees host RAM, slower wake)."""
 STATUS_CHANNELS = ("reasoning", "content", "none")
 
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -65,6 +67,10 @@ class ModelConfig:
     """Seconds idle before its unit is stopped (0 = never); None: config.yml's `idle_unload`."""
     preload: bool = False
     aliases: tuple[str, ...] = ()
+    sleep: int | None = None
+    """vLLM sleep level used instead of stopping the unit (None: stop it, as for every other engine)."""
+    needs_asleep: Mapping[str, float] = field(default_factory=dict)
+    """Resources held while asleep (host RAM for level-1 weights); bounds how many models may sleep."""
 
 
 @dataclass(frozen=True)
@@ -394,7 +400,19 @@ def _parse_models(
             continue
         c.unknown_keys(
             raw,
-            {"backend", "unit", "name", "load_timeout", "url", "needs", "idle_unload", "preload", "aliases"},
+            {
+                "backend",
+                "unit",
+                "name",
+                "load_timeout",
+                "url",
+                "needs",
+                "idle_unload",
+                "preload",
+                "aliases",
+                "sleep",
+                "needs_asleep",
+            },
             f"{key}.",
         )
         before = len(problems)
@@ -429,6 +447,19 @@ def _parse_models(
         idle = c.get(raw, "idle_unload", f"{key}.", (int, float), None, _not_negative)
         preload = c.get(raw, "preload", f"{key}.", (bool,), False)
         aliases = c.get(raw, "aliases", f"{key}.", (list,), [], _check_aliases)
+        sleep = c.get(
+            raw,
+            "sleep",
+            f"{key}.",
+            (int, type(None)),
+            None,
+            lambda v: None if v is None or v in SLEEP_LEVELS else "must be 1 or 2 (vLLM's sleep levels)",
+        )
+        if sleep is not None and backend is not None and backend != "vllm":
+            c.problem(f"{key}.sleep", f"only vllm models can sleep, this one runs on {backend}")
+        needs_asleep = _parse_needs(c, raw, key, resources, field_name="needs_asleep") or {}
+        if needs_asleep and sleep is None:
+            c.problem(f"{key}.needs_asleep", "only a model with 'sleep' set is ever asleep")
         if len(problems) == before:
             models[model_id] = ModelConfig(
                 model_id,
@@ -441,19 +472,21 @@ def _parse_models(
                 idle_unload=None if idle is None else float(idle),
                 preload=preload,
                 aliases=tuple(aliases),
+                sleep=sleep,
+                needs_asleep=needs_asleep,
             )
     return models
 
 
 def _parse_needs(
-    c: _Checker, raw: Mapping[str, Any], key: str, resources: Mapping[str, float]
+    c: _Checker, raw: Mapping[str, Any], key: str, resources: Mapping[str, float], field_name: str = "needs"
 ) -> dict[str, float] | None:
-    needs = c.get(raw, "needs", f"{key}.", (dict,), None)
+    needs = c.get(raw, field_name, f"{key}.", (dict,), None)
     if needs is None:
         return None
     parsed: dict[str, float] = {}
     for name, amount in needs.items():
-        where = f"{key}.needs.{name}"
+        where = f"{key}.{field_name}.{name}"
         if name not in resources:
             c.problem(where, f"unknown resource (config.yml resources: {', '.join(sorted(resources))})")
         elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:

@@ -1,4 +1,5 @@
-"""Engine adapters: how to tell that llama-server, SGLang or TabbyAPI is ready, gone, or warm.
+"""Engine adapters: how to tell that llama-server, SGLang, TabbyAPI or vLLM is ready, gone, or warm; vLLM's sleep
+mode (`--enable-sleep-mode` with `VLLM_SERVER_DEV_MODE=1`: `POST /sleep?level=N`, `POST /wake_up`, `GET /is_sleeping`).
 
 Each probe is one short HTTP exchange with short timeouts; the switcher decides how often to call it.
 """
@@ -15,6 +16,8 @@ import httpx
 from router_app.config import BackendConfig
 
 PROBE_TIMEOUT = httpx.Timeout(2.0)
+# Moving weights between GPU and host RAM takes seconds for big models: generous, but bounded.
+SLEEP_TIMEOUT = httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=None)
 
 
 class Readiness(Enum):
@@ -29,6 +32,12 @@ class EngineProbe(Protocol):
     async def port_closed(self, backend: BackendConfig) -> bool: ...
 
     async def warm_up(self, backend: BackendConfig, model_id: str) -> None: ...
+
+    async def sleep(self, backend: BackendConfig, level: int) -> None: ...
+
+    async def wake_up(self, backend: BackendConfig) -> None: ...
+
+    async def is_sleeping(self, backend: BackendConfig) -> bool: ...
 
 
 class HttpEngineProbe:
@@ -70,3 +79,21 @@ class HttpEngineProbe:
         )
         if response.status_code != 200:
             raise RuntimeError(f"warm-up request answered HTTP {response.status_code}: {response.text[:300]}")
+
+    async def sleep(self, backend: BackendConfig, level: int) -> None:
+        """Put a vLLM engine to sleep: level 1 offloads the weights to host RAM, level 2 discards them."""
+        response = await self.client.post(f"{backend.url}/sleep", params={"level": level}, timeout=SLEEP_TIMEOUT)
+        if response.status_code != 200:
+            raise RuntimeError(f"POST /sleep?level={level} answered HTTP {response.status_code}: {response.text[:300]}")
+
+    async def wake_up(self, backend: BackendConfig) -> None:
+        response = await self.client.post(f"{backend.url}/wake_up", timeout=SLEEP_TIMEOUT)
+        if response.status_code != 200:
+            raise RuntimeError(f"POST /wake_up answered HTTP {response.status_code}: {response.text[:300]}")
+
+    async def is_sleeping(self, backend: BackendConfig) -> bool:
+        response = await self.client.get(f"{backend.url}/is_sleeping", timeout=PROBE_TIMEOUT)
+        if response.status_code != 200:
+            return False  # no sleep mode: never asleep
+        body = response.json()
+        return isinstance(body, dict) and body.get("is_sleeping") is True

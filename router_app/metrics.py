@@ -20,6 +20,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 disable_created_metrics()  # type: ignore[no-untyped-call]
 LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+WAKE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
 SPEED_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 
 
@@ -30,14 +31,20 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         switcher = self.switcher
         loaded = GaugeMetricFamily("llm_router_model_loaded", "1 while the model's engine is loaded", labels=["model"])
+        sleeping = GaugeMetricFamily(
+            "llm_router_model_sleeping", "1 while the model's engine sleeps (vLLM sleep mode)", labels=["model"]
+        )
         in_flight = GaugeMetricFamily(
             "llm_router_requests_in_flight", "Answers being streamed from the model's engine", labels=["model"]
         )
         for model_id in switcher.config.models:
             is_loaded = switcher.model_status(model_id) is ModelStatus.LOADED
             loaded.add_metric([model_id], 1.0 if is_loaded else 0.0)
+            is_sleeping = switcher.model_status(model_id) is ModelStatus.SLEEPING
+            sleeping.add_metric([model_id], 1.0 if is_sleeping else 0.0)
             in_flight.add_metric([model_id], float(switcher.requests_in_flight(model_id)))
         yield loaded
+        yield sleeping
         yield in_flight
         yield GaugeMetricFamily(
             "llm_router_requests_waiting", "Requests waiting for a model load", value=float(len(switcher.waiters))
@@ -80,11 +87,47 @@ class RouterMetrics:
             buckets=SPEED_BUCKETS,
             registry=registry,
         )
+        self.sleeps = Counter(
+            "llm_router_model_sleeps",
+            "Engines put to sleep instead of stopped, by reason (switch, idle)",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.wakes = Counter(
+            "llm_router_model_wakes",
+            "Engines woken from sleep, by outcome (ok, failed: the unit was restarted)",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.sleep_seconds = Histogram(
+            "llm_router_model_sleep_seconds",
+            "Time to put a model to sleep",
+            ["model"],
+            buckets=WAKE_BUCKETS,
+            registry=registry,
+        )
+        self.wake_seconds = Histogram(
+            "llm_router_model_wake_seconds",
+            "Time to wake a model, warm-up included",
+            ["model"],
+            buckets=WAKE_BUCKETS,
+            registry=registry,
+        )
         registry.register(_StateCollector(switcher))
         switcher.subscribe(self.on_event)
 
     def on_event(self, event: ModelEvent) -> None:
-        if event.status is ModelStatus.LOADED and event.load_seconds is not None:
+        if event.status is ModelStatus.SLEEPING:
+            if event.sleep_seconds is not None:
+                reason = event.unload_reason.value if event.unload_reason is not None else "switch"
+                self.sleeps.labels(event.model, reason).inc()
+                self.sleep_seconds.labels(event.model).observe(event.sleep_seconds)
+        elif event.status is ModelStatus.LOADED and event.wake_seconds is not None:
+            self.wakes.labels(event.model, "ok").inc()
+            self.wake_seconds.labels(event.model).observe(event.wake_seconds)
+        elif event.wake_failed:
+            self.wakes.labels(event.model, "failed").inc()
+        elif event.status is ModelStatus.LOADED and event.load_seconds is not None:
             self.loads.labels(event.model, "ok").inc()
             self.load_seconds.labels(event.model).observe(event.load_seconds)
         elif event.load_failed:

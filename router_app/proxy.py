@@ -362,6 +362,8 @@ def _status_line(plan: _Plan, info: WaitInfo, names: Mapping[str, str]) -> str:
         busy = info.active or "another model"
         return texts.waiting_line(max(info.in_flight, 1), names.get(busy, busy))
     elapsed = info.now - info.load_started if info.load_started is not None else 0.0
+    if info.phase is Phase.WAKING:
+        return texts.waking_line(plan.model_name, elapsed, info.timeout, info.estimate)
     return texts.loading_line(plan.model_name, elapsed, info.timeout, info.estimate)
 
 

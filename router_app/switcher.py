@@ -53,6 +53,7 @@ class ModelStatus(str, Enum):
     LOADING = "loading"
     UNLOADED = "unloaded"
     FAILED = "failed"
+    SLEEPING = "sleeping"  # vLLM sleep mode: unit running, GPU freed; Open-WebUI's llama.cpp provider shows it loaded
 
 
 class Phase(str, Enum):
@@ -62,6 +63,7 @@ class Phase(str, Enum):
     STARTING = "starting"
     LOADING = "loading"
     WARMING = "warming"
+    WAKING = "waking"
 
 
 class UnloadReason(str, Enum):
@@ -88,6 +90,10 @@ class QueueFull(Exception):
     pass
 
 
+class _Unloaded(Exception):
+    """A load or wake noticed that POST /models/unload asked for the model meanwhile."""
+
+
 @dataclass(frozen=True)
 class ModelEvent:
     """A status change of one model, as `/models/sse` and the metrics see it."""
@@ -99,6 +105,12 @@ class ModelEvent:
     unload_reason: UnloadReason | None = None
     """Set on `unloaded` when a running unit was stopped."""
     load_failed: bool = False
+    sleep_seconds: float | None = None
+    """Set on `sleeping`: how long the engine took to fall asleep."""
+    wake_seconds: float | None = None
+    """Set on `loaded` after a wake (instead of `load_seconds`)."""
+    wake_failed: bool = False
+    """Set on the `loading` event of a load that replaces a failed wake."""
 
 
 class Lease:
@@ -141,9 +153,15 @@ class WaitInfo:
 
 
 class SlotState(str, Enum):
-    LOADING = "loading"
+    LOADING = "loading"  # starting, loading, warming up, or waking
     LOADED = "loaded"
+    FALLING_ASLEEP = "falling_asleep"  # holds its full needs until the engine says it sleeps
+    SLEEPING = "sleeping"  # holds only its needs_asleep
     STOPPING = "stopping"
+
+
+SLEEP_IDLE_FACTOR = 4
+"""A sleep-capable model idle for `idle_unload` seconds falls asleep; asleep this many times longer, it is stopped."""
 
 
 @dataclass(eq=False)
@@ -156,12 +174,15 @@ class _Slot:
     needs: dict[str, float]
     state: SlotState
     last_used: float
+    needs_asleep: dict[str, float] = field(default_factory=dict)
     phase: Phase = Phase.STARTING
     started: float = 0.0
     in_flight: int = 0
     evicting: bool = False
-    """Chosen to make room: no new leases; stopped once its answers in flight have finished."""
+    """Chosen to make room: no new leases; stopped (or put to sleep) once its answers in flight have finished."""
+    evict_to_sleep: bool = False
     unload_requested: bool = False
+    stopped_from: SlotState = SlotState.LOADED
     task: asyncio.Task[None] | None = None
     idle_task: asyncio.Task[None] | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -169,6 +190,15 @@ class _Slot:
     @property
     def unit(self) -> str:
         return self.model.unit
+
+    @property
+    def held(self) -> dict[str, float]:
+        """What it holds now: its needs, or only its needs_asleep while asleep."""
+        return self.needs_asleep if self.state is SlotState.SLEEPING else self.needs
+
+    @property
+    def can_sleep(self) -> bool:
+        return self.model.sleep is not None
 
 
 class Switcher:
@@ -188,6 +218,7 @@ class Switcher:
         self.status: dict[str, ModelStatus] = {m: ModelStatus.UNLOADED for m in config.models}
         self.last_error: dict[str, str] = {}
         self.load_seconds: dict[str, deque[float]] = {}
+        self.wake_seconds: dict[str, deque[float]] = {}
         self.last_used: dict[str, float] = {}
         self.slots: dict[str, _Slot] = {}
         self.waiters: list[Ticket] = []
@@ -246,7 +277,7 @@ class Switcher:
     def load(self, model_id: str) -> None:
         """Load a model as a request would (resources, drain, grouping), without a request: preload, /models/load."""
         slot = self.slots.get(model_id)
-        if slot is not None and slot.state is not SlotState.STOPPING:
+        if slot is not None and slot.state in (SlotState.LOADING, SlotState.LOADED):
             return
         if any(t.model.id == model_id for t in self.waiters):
             return
@@ -263,11 +294,10 @@ class Switcher:
         if slot is None:
             return
         if slot.state is SlotState.LOADING and slot.task is not None:
+            # Never cancel the load task: it may be inside `systemctl start`. It checks this flag at every step
+            # (start, each readiness poll, wake) and stops the unit itself.
             slot.unload_requested = True
-            slot.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await slot.task
-        elif slot.state is SlotState.LOADED:
+        elif slot.state in (SlotState.LOADED, SlotState.FALLING_ASLEEP, SlotState.SLEEPING):
             slot.unload_requested = True
             self._schedule()
         await slot.stopped.wait()
@@ -318,7 +348,11 @@ class Switcher:
         )
 
     def estimate(self, model_id: str) -> float | None:
-        history = self.load_seconds.get(model_id)
+        """Expected seconds for this model to become ready: its wake history while it wakes (or sleeps), else its
+        load history."""
+        slot = self.slots.get(model_id)
+        waking = slot is not None and (slot.phase is Phase.WAKING or slot.state is SlotState.SLEEPING)
+        history = self.wake_seconds.get(model_id) if waking else self.load_seconds.get(model_id)
         return statistics.median(history) if history else None
 
     def load_progress(self, model_id: str) -> float | None:
@@ -386,6 +420,7 @@ class Switcher:
             "loaded_models": [s.model.id for s in loaded],
             "loading_model": loading[0].model.id if loading else None,
             "loading_phase": loading[0].phase.value if loading else None,
+            "sleeping_models": [s.model.id for s in self.slots.values() if s.state is SlotState.SLEEPING],
             "in_flight": self.in_flight,
             "waiting": len(self.waiters),
             "switches": self.switches,
@@ -393,7 +428,7 @@ class Switcher:
         }
 
     def _resource_use(self) -> dict[str, dict[str, float]]:
-        held = [s.needs for s in self.slots.values()]
+        held = [s.held for s in self.slots.values()]
         return {
             name: {"capacity": capacity, "held": sum(n.get(name, 0.0) for n in held)}
             for name, capacity in self.config.resources.items()
@@ -440,13 +475,23 @@ class Switcher:
             if states.get(unit) not in ("active", "activating"):
                 continue
             model = by_unit[unit]
-            held = [s.needs for s in self.slots.values()]
-            if not self.config.fits([*held, self.config.needs(model)]):
+            held = [s.held for s in self.slots.values()]
+            asleep = False
+            if model.sleep is not None:
+                with contextlib.suppress(Exception):
+                    asleep = await self.probe.is_sleeping(self.config.engine(model))
+            needs = dict(model.needs_asleep) if asleep else self.config.needs(model)
+            if not self.config.fits([*held, needs]):
                 log.warning("engine unit %s is running but does not fit beside the adopted ones: stopping it", unit)
                 await self.services.stop(unit)
                 continue
-            log.info("adopting running unit %s as model %s", unit, model.id)
-            self._begin_load(model, adopt=True)
+            log.info("adopting running unit %s as model %s%s", unit, model.id, " (asleep)" if asleep else "")
+            if asleep:
+                slot = self._new_slot(model, SlotState.SLEEPING)
+                self.slots[model.id] = slot
+                self._emit(ModelEvent(model.id, ModelStatus.SLEEPING))
+            else:
+                self._begin_load(model, adopt=True)
         self.preload()
 
     def preload(self) -> None:
@@ -530,21 +575,34 @@ class Switcher:
                 for ticket in tickets:
                     self._serve(ticket)
                 continue
-            if found is not None or blocked:
+            asleep = found is not None and found.state is SlotState.SLEEPING and not found.unload_requested
+            if (found is not None and not asleep) or blocked:
                 continue  # its load (or the stop before it) is under way; or an older group waits for room
-            victims = self._make_room(model)
+            victims = self._make_room(model, waking=found if asleep else None)
             if victims is None:
                 blocked = True
             elif not victims:
-                self._begin_load(model, adopt=False)
+                if found is not None:
+                    self._begin_wake(found)
+                else:
+                    self._begin_load(model, adopt=False)
             else:
-                for victim in victims:
+                for victim, to_sleep in victims:
                     victim.evicting = True
+                    victim.evict_to_sleep = to_sleep
                 blocked = True
         for slot in list(self.slots.values()):
-            if slot.state is SlotState.LOADED and (slot.evicting or slot.unload_requested) and slot.in_flight == 0:
+            idle = slot.in_flight == 0
+            if slot.state is SlotState.LOADED and slot.unload_requested and idle:
+                self._begin_stop(slot, UnloadReason.REQUEST)
+            elif slot.state is SlotState.LOADED and slot.evicting and idle:
+                if slot.evict_to_sleep:
+                    self._begin_sleep(slot, UnloadReason.SWITCH)
+                else:
+                    self._begin_stop(slot, UnloadReason.SWITCH)
+            elif slot.state is SlotState.SLEEPING and (slot.evicting or slot.unload_requested):
                 self._begin_stop(slot, UnloadReason.REQUEST if slot.unload_requested else UnloadReason.SWITCH)
-            elif slot.state is SlotState.LOADED and slot.in_flight == 0:
+            elif slot.state in (SlotState.LOADED, SlotState.SLEEPING) and idle:
                 self._arm_idle_timer(slot)
         self._notify_waiters()
 
@@ -557,24 +615,33 @@ class Switcher:
         if ticket.internal:
             lease.release()
 
-    def _make_room(self, model: ModelConfig) -> list[_Slot] | None:
-        """The slots to stop so that `model` fits: [] when it fits now, None when it cannot fit yet (loads or
-        stops under way hold the room it needs). Fewest slots, least recently used first; slots of models that
-        a reload removed go first."""
+    def _make_room(self, model: ModelConfig, waking: _Slot | None = None) -> list[tuple[_Slot, bool]] | None:
+        """What to evict so that `model` fits: a list of (slot, put it to sleep rather than stop it); [] when it
+        fits now; None when it cannot fit yet (loads, stops or sleeps under way hold the room it needs).
+
+        Fewest slots first, least recently used first; slots of models that a reload removed go first. A loaded
+        sleep-capable model is put to sleep (it keeps its needs_asleep) when that still fits; a sleeping one can
+        only be stopped. `waking`: the target's own sleeping slot, whose needs_asleep it trades for its needs."""
         needs = self.config.needs(model)
-        held = [s.needs for s in self.slots.values()]
-        if self.config.fits([*held, needs]):
+        others = [s for s in self.slots.values() if s is not waking]
+        if self.config.fits([*(s.held for s in others), needs]):
             return []
         candidates = sorted(
-            (s for s in self.slots.values() if s.state is SlotState.LOADED),
+            (s for s in others if s.state in (SlotState.LOADED, SlotState.SLEEPING)),
             key=lambda s: (s.model.id in self.config.models, s.last_used),
         )
-        fixed = [s.needs for s in self.slots.values() if s.state is not SlotState.LOADED]
-        for count in range(1, len(candidates) + 1):
-            for victims in itertools.combinations(candidates, count):
-                kept = [s.needs for s in candidates if s not in victims]
-                if self.config.fits([*fixed, *kept, needs]):
-                    return list(victims)
+        fixed = [s.held for s in others if s.state not in (SlotState.LOADED, SlotState.SLEEPING)]
+        for allow_sleep in (True, False):
+            for count in range(1, len(candidates) + 1):
+                for victims in itertools.combinations(candidates, count):
+                    plan = [
+                        (s, allow_sleep and s.can_sleep and s.state is SlotState.LOADED and not s.unload_requested)
+                        for s in victims
+                    ]
+                    kept = [s.held for s in candidates if s not in victims]
+                    asleep = [s.needs_asleep for s, to_sleep in plan if to_sleep]
+                    if self.config.fits([*fixed, *kept, *asleep, needs]):
+                        return plan
         return None
 
     # ----- idle unload ----------------------------------------------------------------------------------------
@@ -583,44 +650,54 @@ class Switcher:
         idle = self.config.idle_unload_of(slot.model)
         if idle <= 0 or slot.idle_task is not None or any(t.model.id == slot.model.id for t in self.waiters):
             return
-        slot.idle_task = asyncio.get_running_loop().create_task(self._idle_timer(slot, idle))
+        if slot.state is SlotState.SLEEPING:
+            idle *= SLEEP_IDLE_FACTOR
+        slot.idle_task = asyncio.get_running_loop().create_task(self._idle_timer(slot, idle, slot.state))
 
     def _cancel_idle_timer(self, slot: _Slot) -> None:
         task, slot.idle_task = slot.idle_task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
 
-    async def _idle_timer(self, slot: _Slot, idle: float) -> None:
+    async def _idle_timer(self, slot: _Slot, idle: float, state: SlotState) -> None:
         while True:
             await self.sleep(max(0.0, slot.last_used + idle - self.clock()))
-            if self.slots.get(slot.model.id) is not slot or slot.state is not SlotState.LOADED:
+            if self.slots.get(slot.model.id) is not slot or slot.state is not state:
                 return
             if slot.in_flight or any(t.model.id == slot.model.id for t in self.waiters):
                 slot.idle_task = None
                 return
             if self.clock() >= slot.last_used + idle:
                 slot.idle_task = None
-                log.info("model %s idle for %g s: stopping %s", slot.model.id, idle, slot.unit)
-                self._begin_stop(slot, UnloadReason.IDLE)
+                if state is SlotState.LOADED and slot.can_sleep:
+                    log.info("model %s idle for %g s: putting it to sleep", slot.model.id, idle)
+                    self._begin_sleep(slot, UnloadReason.IDLE)
+                else:
+                    log.info("model %s idle for %g s: stopping %s", slot.model.id, idle, slot.unit)
+                    self._begin_stop(slot, UnloadReason.IDLE)
                 return
 
     # ----- loading --------------------------------------------------------------------------------------------
 
     def _begin_load(self, model: ModelConfig, adopt: bool) -> None:
         reset_first = self.status.get(model.id) is ModelStatus.FAILED
-        slot = _Slot(
-            model=model,
-            engine=self.config.engine(model),
-            needs=self.config.needs(model),
-            state=SlotState.LOADING,
-            last_used=self.clock(),
-            phase=Phase.LOADING if adopt else Phase.STARTING,
-            started=self.clock(),
-        )
+        slot = self._new_slot(model, SlotState.LOADING)
+        slot.phase = Phase.LOADING if adopt else Phase.STARTING
         self.slots[model.id] = slot
         self._emit(ModelEvent(model.id, ModelStatus.LOADING))
         slot.task = asyncio.get_running_loop().create_task(self._run_load(slot, adopt, reset_first))
         self._notify_waiters()
+
+    def _new_slot(self, model: ModelConfig, state: SlotState) -> _Slot:
+        return _Slot(
+            model=model,
+            engine=self.config.engine(model),
+            needs=self.config.needs(model),
+            needs_asleep=dict(model.needs_asleep),
+            state=state,
+            last_used=self.clock(),
+            started=self.clock(),
+        )
 
     def _set_phase(self, slot: _Slot, phase: Phase) -> None:
         slot.phase = phase
@@ -638,10 +715,12 @@ class Switcher:
             if not adopt:
                 await self._wait_port_closed(model, engine, "before starting it")
                 self._set_phase(slot, Phase.STARTING)
+                self._check_unloaded(slot)
                 try:
                     await self.services.start(model.unit)
                 except UnitError as exc:
                     raise SwitchFailed(model.id, str(exc), await self.services.last_log_lines(model.unit)) from exc
+            self._check_unloaded(slot)
             self._set_phase(slot, Phase.LOADING)
             await self._wait_ready(slot)
             if engine.warmup:
@@ -650,19 +729,12 @@ class Switcher:
                     await self.probe.warm_up(engine, model.id)
                 except Exception as exc:
                     raise SwitchFailed(model.id, f"warm-up failed: {exc}") from exc
+            self._check_unloaded(slot)
         except SwitchFailed as failure:
             log.error("%s", failure.describe())
             await self._fail_load(slot, failure)
-        except asyncio.CancelledError:
-            if not slot.unload_requested:
-                raise  # the router shuts down: the unit goes on loading and is adopted by the next start
-            # Unloaded while loading: the unit must not go on loading in the background.
-            with contextlib.suppress(UnitError):
-                await self.services.stop(model.unit)
-            self._drop(slot)
-            self._emit(ModelEvent(model.id, ModelStatus.UNLOADED, unload_reason=UnloadReason.REQUEST))
-            self._schedule()
-            raise
+        except _Unloaded:
+            await self._abandon_load(slot)
         except Exception as exc:  # an unexpected bug must not wedge the switcher forever
             log.exception("unexpected error while loading %s", model.id)
             await self._fail_load(slot, SwitchFailed(model.id, f"internal error: {exc!r}"))
@@ -678,6 +750,18 @@ class Switcher:
             log.info("model %s ready in %.2f s (unit %s)", model.id, took, model.unit)
             self._emit(ModelEvent(model.id, ModelStatus.LOADED, load_seconds=None if adopt else took))
             self._schedule()
+
+    async def _abandon_load(self, slot: _Slot) -> None:
+        """Unloaded while loading or waking: the unit must not go on loading in the background."""
+        with contextlib.suppress(UnitError):
+            await self.services.stop(slot.unit)
+        self._drop(slot)
+        self._emit(ModelEvent(slot.model.id, ModelStatus.UNLOADED, unload_reason=UnloadReason.REQUEST))
+        self._schedule()
+
+    def _check_unloaded(self, slot: _Slot) -> None:
+        if slot.unload_requested:
+            raise _Unloaded
 
     async def _fail_load(self, slot: _Slot, failure: SwitchFailed) -> None:
         model = slot.model
@@ -705,6 +789,7 @@ class Switcher:
     # ----- stopping -------------------------------------------------------------------------------------------
 
     def _begin_stop(self, slot: _Slot, reason: UnloadReason, final_status: ModelStatus = ModelStatus.UNLOADED) -> None:
+        slot.stopped_from = slot.state
         slot.state = SlotState.STOPPING
         slot.evicting = False
         self._cancel_idle_timer(slot)
@@ -718,7 +803,7 @@ class Switcher:
         except UnitError as exc:
             # The unit may still run: keep it as loaded, and fail the requests that waited for its room.
             log.error("could not stop %s: %s", slot.unit, exc)
-            slot.state = SlotState.LOADED
+            slot.state = slot.stopped_from
             slot.task = None
             slot.unload_requested = False
             blocked = self._groups()
@@ -741,6 +826,75 @@ class Switcher:
             self._emit(ModelEvent(slot.model.id, ModelStatus.UNLOADED, unload_reason=reason))
         self._schedule()
 
+    # ----- sleeping and waking (vLLM sleep mode) --------------------------------------------------------------
+
+    def _begin_sleep(self, slot: _Slot, reason: UnloadReason) -> None:
+        slot.state = SlotState.FALLING_ASLEEP
+        slot.evicting = False
+        self._cancel_idle_timer(slot)
+        slot.task = asyncio.get_running_loop().create_task(self._run_sleep(slot, reason))
+        self._notify_waiters()
+
+    async def _run_sleep(self, slot: _Slot, reason: UnloadReason) -> None:
+        level = slot.model.sleep or 1
+        started = self.clock()
+        log.info("putting %s to sleep (level %d, %s)", slot.model.id, level, reason.value)
+        try:
+            await self.probe.sleep(slot.engine, level)
+        except Exception as exc:
+            log.warning("model %s could not sleep (%s): stopping its unit instead", slot.model.id, exc)
+            self.last_error[slot.model.id] = f"sleep failed: {exc}"
+            self._begin_stop(slot, reason)
+            return
+        took = self.clock() - started
+        slot.state = SlotState.SLEEPING
+        slot.task = None
+        slot.last_used = self.clock()
+        self._emit(ModelEvent(slot.model.id, ModelStatus.SLEEPING, sleep_seconds=took, unload_reason=reason))
+        self._schedule()
+
+    def _begin_wake(self, slot: _Slot) -> None:
+        slot.state = SlotState.LOADING
+        slot.phase = Phase.WAKING
+        slot.started = self.clock()
+        self._cancel_idle_timer(slot)
+        self._emit(ModelEvent(slot.model.id, ModelStatus.LOADING))
+        slot.task = asyncio.get_running_loop().create_task(self._run_wake(slot))
+        self._notify_waiters()
+
+    async def _run_wake(self, slot: _Slot) -> None:
+        model = slot.model
+        try:
+            self._check_unloaded(slot)
+            await self.probe.wake_up(slot.engine)
+            self._check_unloaded(slot)
+            # The first request after a wake pays for re-initialisation; let the router pay it, not the user.
+            await self.probe.warm_up(slot.engine, model.id)
+        except _Unloaded:
+            await self._abandon_load(slot)
+            return
+        except Exception as exc:
+            reason = f"wake failed ({exc}): restarting its unit"
+            log.warning("model %s: %s", model.id, reason)
+            self.last_error[model.id] = reason
+            self._emit(ModelEvent(model.id, ModelStatus.LOADING, wake_failed=True))
+            with contextlib.suppress(UnitError):
+                await self.services.stop(model.unit)
+            with contextlib.suppress(SwitchFailed):
+                await self._wait_port_closed(model, slot.engine, f"after stopping {model.unit}")
+            slot.phase = Phase.STARTING
+            slot.started = self.clock()
+            await self._run_load(slot, adopt=False, reset_first=False)
+            return
+        took = self.clock() - slot.started
+        slot.state = SlotState.LOADED
+        slot.task = None
+        slot.last_used = self.clock()
+        self.wake_seconds.setdefault(model.id, deque(maxlen=LOAD_HISTORY)).append(took)
+        log.info("model %s awake in %.2f s", model.id, took)
+        self._emit(ModelEvent(model.id, ModelStatus.LOADED, wake_seconds=took))
+        self._schedule()
+
     async def _wait_port_closed(self, model: ModelConfig, engine: BackendConfig, when: str) -> None:
         # A stopped engine can hold its port a moment longer; TabbyAPI would silently bind port+1 if started now.
         deadline = self.clock() + engine.stop_timeout
@@ -760,6 +914,7 @@ class Switcher:
         deadline = slot.started + model.load_timeout
         delay = FIRST_POLL_DELAY
         while True:
+            self._check_unloaded(slot)
             if await self.probe.readiness(engine) is Readiness.READY:
                 return
             state = (await self.services.states([model.unit]))[model.unit]

@@ -16,6 +16,7 @@ from router_app.annotations import (
     strip_annotations,
     switching_line,
     waiting_line,
+    waking_line,
 )
 
 
@@ -76,6 +77,7 @@ STATUS_BLOCKS = [
     + ready_line("m", 5),
     loading_line("joined: m", 30, 180) + ready_line("joined: m", 31),
     ready_line("m (already loading)", 0.2),
+    switching_line("Qwen vLLM") + waking_line("Qwen vLLM", 0.1, 180, 0.3) + ready_line("Qwen vLLM", 0.4),
 ]
 
 ORIGINALS = [
@@ -166,3 +168,7 @@ def test_may_contain_annotations() -> None:
     assert not may_contain_annotations("plain text ✅ inside")
     assert may_contain_annotations("✅ at start")
     assert may_contain_annotations("footer ⚡ anywhere")
+
+
+def test_waking_line() -> None:
+    assert waking_line("Q", 0.12, 180, 0.3) == "⏳ Waking Q: 0.1 s elapsed, timeout 180 s, ~0.3 s expected\n"

@@ -101,7 +101,7 @@ def test_empty_config_file_means_defaults_but_models_still_need_backends() -> No
         ("queue_limit", 2.5, "config.yml: queue_limit: must be an integer"),
         ("keepalive_interval", -1, "config.yml: keepalive_interval: must be greater than 0"),
         ("backends", [], "config.yml: backends: must be a mapping"),
-        ("backends.vllm", {"url": "http://x:1"}, "config.yml: backends.vllm: unknown backend kind"),
+        ("backends.ollama", {"url": "http://x:1"}, "config.yml: backends.ollama: unknown backend kind"),
         ("backends.sglang", "http://x:1", "config.yml: backends.sglang: must be a mapping with 'url'"),
         ("backends.sglang.url", DELETE, "config.yml: backends.sglang.url: missing"),
         ("backends.sglang.url", "http://x:1/v1", "config.yml: backends.sglang.url: must be http(s)://HOST:PORT"),

@@ -216,9 +216,13 @@ async def test_unload_of_a_loading_model_fails_its_waiters_and_stops_the_unit() 
     systemd.start = slow_start  # type: ignore[method-assign]
     ticket = switcher.request("a")
     await settle()
-    await switcher.unload("a")
+    unloading = asyncio.ensure_future(switcher.unload("a"))
+    await settle()
     with pytest.raises(SwitchFailed, match="unloaded"):
-        await lease_of(ticket)
+        await lease_of(ticket)  # at once, while `systemctl start` is still running
+    assert not unloading.done(), "the unload waits for the start under way, never cancels it"
+    gate.set()
+    await asyncio.wait_for(unloading, 5)
     assert switcher.model_status("a") is ModelStatus.UNLOADED
     assert systemd.calls[-1] == f"stop {unit('a')}"
     assert events[-1].status is ModelStatus.UNLOADED
@@ -252,3 +256,137 @@ async def test_aliases_and_the_current_model() -> None:
     (await lease_of(ticket)).release()
     await switcher.unload("c")
     assert switcher.resolve("current") == "c", "nothing loaded: the most recently used model"
+
+
+class SleepyProbe(Probe):
+    """vLLM engines with sleep mode: records sleeps and wakes; `wake_fails` makes wake_up fail."""
+
+    def __init__(self, systemd: Systemd, units_by_url: dict[str, str]) -> None:
+        super().__init__(systemd, units_by_url)
+        self.asleep: set[str] = set()
+        self.calls: list[str] = []
+        self.wake_fails = False
+
+    async def sleep(self, backend: BackendConfig, level: int) -> None:
+        unit = self.units_by_url[backend.url]
+        self.calls.append(f"sleep {unit} {level}")
+        self.asleep.add(unit)
+
+    async def wake_up(self, backend: BackendConfig) -> None:
+        unit = self.units_by_url[backend.url]
+        self.calls.append(f"wake {unit}")
+        if self.wake_fails:
+            raise RuntimeError("POST /wake_up answered HTTP 500")
+        self.asleep.discard(unit)
+
+    async def is_sleeping(self, backend: BackendConfig) -> bool:
+        return self.units_by_url[backend.url] in self.asleep
+
+
+def make_sleepers(
+    models: dict[str, tuple[float, int | None]], ram: float = 100, idle: float | None = None
+) -> tuple[Switcher, Systemd, SleepyProbe, FakeClock, list[ModelEvent]]:
+    """Models `id -> (needs_asleep host_ram, sleep level)` on vLLM, each needing 8 of 10 gpu when awake."""
+    backends = {"vllm": BackendConfig("vllm", "http://127.0.0.1:8000", False, 5.0)}
+    configs = {}
+    for index, (model_id, (asleep_ram, level)) in enumerate(models.items()):
+        configs[model_id] = ModelConfig(
+            model_id,
+            "vllm",
+            unit(model_id),
+            model_id.upper(),
+            30.0,
+            url=f"http://127.0.0.1:{8001 + index}",
+            needs={"gpu": 8, "host_ram": 0},
+            idle_unload=idle,
+            sleep=level,
+            needs_asleep={"host_ram": asleep_ram} if level else {},
+        )
+    config = RouterConfig(backends=backends, models=configs, resources={"gpu": 10, "host_ram": ram})
+    systemd = Systemd()
+    probe = SleepyProbe(systemd, {config.engine(m).url: m.unit for m in configs.values()})
+    clock = FakeClock()
+    switcher = Switcher(config, systemd, probe, clock=clock, sleep=clock.sleep)
+    events: list[ModelEvent] = []
+    switcher.subscribe(events.append)
+    return switcher, systemd, probe, clock, events
+
+
+async def test_two_sleepers_alternate_by_sleep_and_wake_never_restarting() -> None:
+    switcher, systemd, probe, clock, events = make_sleepers({"a": (40, 1), "b": (40, 1)})
+    for model in ("a", "b", "a", "b"):
+        await use(switcher, clock, model)
+    assert systemd.calls == [f"start {unit('a')}", f"start {unit('b')}"], "no stop, no restart"
+    assert probe.calls == [
+        f"sleep {unit('a')} 1",
+        f"sleep {unit('b')} 1",
+        f"wake {unit('a')}",
+        f"sleep {unit('a')} 1",
+        f"wake {unit('b')}",
+    ]
+    assert switcher.model_status("a") is ModelStatus.SLEEPING and switcher.model_status("b") is ModelStatus.LOADED
+    wakes = [e for e in events if e.wake_seconds is not None]
+    assert [e.model for e in wakes] == ["a", "b"]
+    assert switcher.estimate("a") is not None, "wakes have their own history"
+
+
+async def test_host_ram_bounds_the_sleepers_the_least_recently_used_is_stopped() -> None:
+    switcher, systemd, probe, clock, _ = make_sleepers({"a": (40, 1), "b": (40, 1), "c": (40, 1)}, ram=70)
+    for model in ("a", "b", "c"):
+        await use(switcher, clock, model)
+    # For c, b must make room; asleep beside a it would hold 80 of 70 GiB host RAM: a, the least recently used
+    # sleeper, is stopped for real and b sleeps.
+    assert systemd.calls == [f"start {unit('a')}", f"start {unit('b')}", f"stop {unit('a')}", f"start {unit('c')}"]
+    assert probe.calls == [f"sleep {unit('a')} 1", f"sleep {unit('b')} 1"]
+    statuses = {m: switcher.model_status(m).value for m in ("a", "b", "c")}
+    assert statuses == {"a": "unloaded", "b": "sleeping", "c": "loaded"}
+    held = switcher.snapshot()["resources"]
+    assert held == {"gpu": {"capacity": 10, "held": 8}, "host_ram": {"capacity": 70, "held": 40}}
+
+
+async def test_a_model_without_sleep_is_stopped_and_sleepers_are_woken_not_restarted() -> None:
+    switcher, systemd, probe, clock, _ = make_sleepers({"a": (40, 1), "plain": (0, None)})
+    for model in ("a", "plain", "a", "plain"):
+        await use(switcher, clock, model)
+    assert systemd.calls == [
+        f"start {unit('a')}",
+        f"start {unit('plain')}",
+        f"stop {unit('plain')}",
+        f"start {unit('plain')}",
+    ]
+    assert probe.calls == [f"sleep {unit('a')} 1", f"wake {unit('a')}", f"sleep {unit('a')} 1"]
+
+
+async def test_a_failed_wake_falls_back_to_a_unit_restart() -> None:
+    switcher, systemd, probe, clock, events = make_sleepers({"a": (40, 1), "b": (40, 1)})
+    await use(switcher, clock, "a")
+    await use(switcher, clock, "b")
+    probe.wake_fails = True
+    await use(switcher, clock, "a")
+    assert systemd.calls[-2:] == [f"stop {unit('a')}", f"start {unit('a')}"]
+    assert switcher.model_status("a") is ModelStatus.LOADED
+    assert any(e.wake_failed for e in events)
+    assert [e.status for e in events if e.model == "a"][-2:] == [ModelStatus.LOADING, ModelStatus.LOADED]
+
+
+async def test_idle_sleeper_sleeps_first_then_stops_after_a_longer_idle() -> None:
+    switcher, systemd, probe, clock, _ = make_sleepers({"a": (40, 1)}, idle=10)
+    await use(switcher, clock, "a")
+    await clock.advance(9.5)
+    assert switcher.model_status("a") is ModelStatus.SLEEPING
+    assert probe.calls == [f"sleep {unit('a')} 1"]
+    await clock.advance(35)
+    assert switcher.model_status("a") is ModelStatus.SLEEPING, "asleep 4 x 10 s before a real stop"
+    await clock.advance(10)
+    assert switcher.model_status("a") is ModelStatus.UNLOADED and unit("a") not in systemd.running
+
+
+async def test_unload_stops_a_sleeper_for_real_and_load_wakes_it() -> None:
+    switcher, systemd, probe, clock, _ = make_sleepers({"a": (40, 1), "b": (40, 1)})
+    await use(switcher, clock, "a")
+    await use(switcher, clock, "b")
+    switcher.load("a")
+    await settle()
+    assert probe.calls[-1] == f"wake {unit('a')}" and switcher.model_status("a") is ModelStatus.LOADED
+    await switcher.unload("b")
+    assert unit("b") not in systemd.running and switcher.model_status("b") is ModelStatus.UNLOADED
