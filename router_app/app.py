@@ -100,6 +100,19 @@ def create_app(service: RouterService) -> Quart:
         await service.switcher.unload(model)
         return {"success": True}
 
+    @app.delete("/models")
+    @app.delete("/v1/models")
+    async def delete_model() -> Response:
+        require_key()
+        # Open-WebUI's llama.cpp connection type offers "Delete" (llama.cpp's router mode deletes the file).
+        raise errors.OpenAIError(
+            405,
+            "llm-router never deletes model files: remove the model from llm_router_models in the inventory and "
+            "re-run the playbook",
+            errors.type_for_status(405),
+            code="method_not_supported",
+        )
+
     @app.get("/models/sse")
     @app.get("/v1/models/sse")
     async def model_events() -> Response:

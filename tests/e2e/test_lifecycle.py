@@ -177,6 +177,8 @@ def test_preload_load_unload_sse_idle_unload_and_current_alias(router_factory) -
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
         bad = client.post("/models/load", content=b"not json")
         assert bad.status_code == 400
+        delete = client.delete("/models", params={"model": "b"})  # Open-WebUI's "Delete" on a llama.cpp connection
+        assert delete.status_code == 405 and "never deletes model files" in delete.json()["error"]["message"]
     assert metric(router, "llm_router_model_unloads_total", model="b", reason="request") == 1
 
     # Unloading a model that is loading cancels the load; its waiting request gets a clear error.
