@@ -38,7 +38,9 @@ class ModelSpec:
     port: int | None = None
     """This model's own engine port (models.yml `url`); None: its backend's port."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """More models.yml keys: needs, idle_unload, preload, aliases."""
+    """More models.yml keys: needs, idle_unload, preload, aliases, sleep, needs_asleep."""
+    args: list[str] = field(default_factory=list)
+    """Extra engine arguments (e.g. vLLM's --enable-sleep-mode)."""
 
 
 DEFAULT_MODELS = [
@@ -61,7 +63,7 @@ class RouterEnv:
     def __init__(
         self, tmp: Path, models: list[ModelSpec], config_extra: dict[str, Any], base_port: int = ROUTER_PORT
     ) -> None:
-        """`base_port` is the router's port; the fake llama-server, SGLang and TabbyAPI use the next three."""
+        """`base_port` is the router's port; the fake llama-server, SGLang, TabbyAPI and vLLM use the next four."""
         self.tmp = tmp
         self.models = {m.id: m for m in models}
         self.systemd = FakeSystemd(tmp / "systemd")
@@ -71,7 +73,7 @@ class RouterEnv:
         self.events_dir.mkdir()
         self.port = base_port
         self.base = f"http://127.0.0.1:{base_port}"
-        ports = {"llamacpp": base_port + 1, "sglang": base_port + 2, "tabbyapi": base_port + 3}
+        ports = {"llamacpp": base_port + 1, "sglang": base_port + 2, "tabbyapi": base_port + 3, "vllm": base_port + 4}
         tabby_dir = write_tabby_config(tmp / "tabby", ports["tabbyapi"], tmp / "tabby-models")
         for model in models:
             env = {"FAKE_LOAD_SECONDS": "0.3", "FAKE_EVENT_LOG": str(self.events_path(model.id)), **model.env}
@@ -80,6 +82,7 @@ class RouterEnv:
                 model.backend,
                 model.id,
                 model.port or ports[model.backend],
+                args=model.args,
                 env=env,
                 tabby_dir=tabby_dir if model.backend == "tabbyapi" else None,
             )

@@ -16,7 +16,7 @@ import httpx
 
 from tests.e2e.conftest import ModelSpec, RouterEnv, StreamResult
 
-EMBED_PORT = 18214
+EMBED_PORT = 18216
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

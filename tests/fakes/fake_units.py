@@ -24,6 +24,7 @@ FAKE_SYSTEMD = HERE / "fake_systemd.py"
 FAKE_ENGINES_DIR = REPO / "files" / "fake_engines"
 LLAMA_SERVER = FAKE_ENGINES_DIR / "llama-server"
 SGLANG_PYTHON = FAKE_ENGINES_DIR / "sglang-python"
+VLLM_PYTHON = FAKE_ENGINES_DIR / "vllm-python"
 TABBYAPI_PYTHON = FAKE_ENGINES_DIR / "tabbyapi-python"
 TABBYAPI_MAIN = FAKE_ENGINES_DIR / "tabbyapi" / "main.py"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -89,6 +90,9 @@ def engine_command(kind: str, model: str, port: int, args: Sequence[str] = (),
     if kind == "sglang":
         return [str(SGLANG_PYTHON), "-m", "sglang.launch_server", "--model-path", model, "--host", "127.0.0.1",
                 "--port", str(port), *args], None
+    if kind == "vllm":
+        return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+                "--port", str(port), "--served-model-name", model, *args], None
     if kind == "tabbyapi":
         if tabby_dir is None:
             raise ValueError("tabbyapi needs tabby_dir (see write_tabby_config)")
