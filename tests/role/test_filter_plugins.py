@@ -248,3 +248,109 @@ def test_malformed_model_lists_do_not_crash() -> None:
     for models in (None, "x", {"id": "a"}, [None, 1, "a", {"backend": "llamacpp"}, {"id": 5}]):
         assert isinstance(problems(models), list)  # type: ignore[arg-type]
         assert isinstance(lc.conflicts(models, {}), dict)
+
+
+# --- vLLM sleep mode (issue 9) ---------------------------------------------------------------------------------
+
+VLLM_PORTS = {**PORTS, "vllm": 8000}
+
+
+def sleeper(model_id: str, level: int = 1, **extra: Any) -> dict[str, Any]:
+    return model(model_id, "vllm", sleep=level, **extra)
+
+
+def test_two_sleepers_that_cannot_run_together_do_not_conflict() -> None:
+    """Each is put to sleep (its unit keeps running) while the other runs: Conflicts= would stop the sleeper."""
+    models = [sleeper("a", needs={"gpu": 16}), sleeper("b", 2, needs={"gpu": 16})]
+    assert lc.conflicts(models, {"gpu": 24}) == {"a": [], "b": []}
+    # Without resources and needs (one engine at a time) too.
+    assert lc.conflicts([sleeper("a"), sleeper("b")], {}) == {"a": [], "b": []}
+
+
+def test_a_pair_with_one_sleeper_does_not_conflict() -> None:
+    """chat cannot sleep, but vllm-a sleeps beside it: starting chat must not stop vllm-a's unit."""
+    models = [model("chat", needs={"gpu": 20}), sleeper("vllm-a", needs={"gpu": 16}), model("other", "sglang")]
+    assert lc.conflicts(models, {"gpu": 24}) == {"chat": ["other"], "vllm-a": [], "other": ["chat"]}
+
+
+def test_vllm_without_sleep_conflicts_like_any_engine() -> None:
+    models = [model("a", "vllm", needs={"gpu": 16}), model("b", "vllm", needs={"gpu": 16})]
+    assert lc.conflicts(models, {"gpu": 24}) == {"a": ["b"], "b": ["a"]}
+
+
+def test_a_sleeper_whose_needs_asleep_do_not_fit_conflicts() -> None:
+    """Asleep it still holds 10 of host_ram; beside a model needing 60 of 64 it is stopped for real: Conflicts= is
+    right then (starting either unit stops the other, which the router does too)."""
+    resources = {"gpu": 24, "host_ram": 64}
+    models = [
+        sleeper("big", needs={"gpu": 20}, needs_asleep={"host_ram": 10}),
+        model("ram-hungry", needs={"gpu": 10, "host_ram": 60}),
+        model("small", needs={"gpu": 4, "host_ram": 4}),
+    ]
+    assert lc.conflicts(models, resources) == {"big": ["ram-hungry"], "ram-hungry": ["big"], "small": []}
+
+
+def test_sleep_only_counts_for_vllm() -> None:
+    """An sglang model with `sleep` (refused by the preflight anyway) is not treated as sleep-capable."""
+    models = [model("a", "sglang", sleep=1), model("b", "sglang", sleep=1)]
+    assert lc.conflicts(models, {}) == {"a": ["b"], "b": ["a"]}
+    assert lc.can_sleep(sleeper("x")) and not lc.can_sleep(model("x", "vllm")) and not lc.can_sleep("x")
+
+
+def test_model_needs_asleep() -> None:
+    resources = {"gpu": 24, "host_ram": 64}
+    assert lc.model_needs_asleep(sleeper("a"), resources) == {"gpu": 0.0, "host_ram": 0.0}
+    assert lc.model_needs_asleep(sleeper("a", needs_asleep={"host_ram": 40}), resources) == {
+        "gpu": 0.0,
+        "host_ram": 40.0,
+    }
+    assert lc.model_needs_asleep(sleeper("a", needs_asleep="x"), resources) == {"gpu": 0.0, "host_ram": 0.0}
+
+
+def test_a_valid_vllm_inventory_has_no_problems() -> None:
+    models = [
+        sleeper("a", needs={"gpu": 16}, needs_asleep={"host_ram": 20}),
+        sleeper("b", 2, port=8001, needs={"gpu": 16}),
+        model("c", "vllm", port=8002 + 1, needs={"gpu": 16}),
+    ]
+    assert problems(models, resources={"gpu": 24, "host_ram": 64}, backend_ports=VLLM_PORTS, router_port=18002) == []
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            model("m", "sglang", sleep=1),
+            "sleep: only vllm models can sleep (vLLM's sleep mode), this one runs on sglang",
+        ),
+        (sleeper("m", 3), "sleep: must be 1 (weights offloaded to host RAM) or 2 (weights discarded), got 3"),
+        (sleeper("m", True), "sleep: must be 1 (weights offloaded to host RAM) or 2 (weights discarded), got true"),
+        (sleeper("m", "1"), 'sleep: must be 1 (weights offloaded to host RAM) or 2 (weights discarded), got "1"'),
+        (
+            model("m", "vllm", needs_asleep={"gpu": 0.1}),
+            "needs_asleep: only a model with sleep set is ever asleep (set sleep: 1 or 2)",
+        ),
+        (
+            sleeper("m", needs_asleep={"host_ram": 1}),
+            "needs_asleep.host_ram: unknown resource (the default resources, llm_router_resources unset: gpu)",
+        ),
+        (sleeper("m", needs_asleep={"gpu": 2}), "needs_asleep.gpu: 2 is more than the capacity of gpu (1)"),
+        (sleeper("m", needs_asleep={"gpu": -1}), "needs_asleep.gpu: must be a number, 0 or more, got -1"),
+        (sleeper("m", needs_asleep=[1]), "needs_asleep: must be a mapping of resource name to amount"),
+    ],
+)
+def test_bad_sleep_fields_name_the_model_and_field(entry: dict[str, Any], message: str) -> None:
+    found = problems([model("a"), entry], backend_ports=VLLM_PORTS)
+    assert any(p.startswith('llm_router_models[1] (id "m"): ' + message) for p in found), found
+
+
+def test_a_sleeper_needs_a_port_of_its_own() -> None:
+    """Asleep, vLLM keeps its port: a model that runs while it sleeps cannot bind the same one."""
+    found = problems([sleeper("a"), sleeper("b")], backend_ports=VLLM_PORTS)
+    assert found == [
+        'llm_router_models[1] (id "b"): port: 8000 is also the engine port of llm_router_models[0] (id "a"), and '
+        '"a" (sleep: 1) keeps its engine and port while asleep beside "b": give one of them its own port'
+    ]
+    assert problems([sleeper("a"), sleeper("b", port=8001)], backend_ports=VLLM_PORTS) == []
+    # Two vLLM models without sleep never run together (one engine at a time): they may share the port.
+    assert problems([model("a", "vllm"), model("b", "vllm")], backend_ports=VLLM_PORTS) == []

@@ -37,8 +37,8 @@ def _bad(kind: str) -> tuple[list[dict[str, Any]], str]:
     if kind == "unknown-backend":
         # Refused by Ansible's own check of meta/argument_specs.yml (backend choices), which names the field and the
         # value, not the model.
-        models.append({"id": "vllm-x", "backend": "vllm", "model": "/models/x"})
-        return models, "got: vllm"
+        models.append({"id": "mlx-x", "backend": "mlx", "model": "/models/x"})
+        return models, "got: mlx"
     if kind == "bad-id-characters":
         models.append({"id": "bad id/with slash", "backend": "llamacpp", "model": "/models/x.gguf"})
         return models, "bad id/with slash"
@@ -176,7 +176,7 @@ def _bad_models_yml(box: Any, kind: str) -> tuple[str, str]:
     if kind == "duplicate-id":
         return _models_yml([*entries, (first_id, first)]), first_id
     if kind == "unknown-backend":
-        return _models_yml([*entries, ("vllm-x", {**first, "backend": "vllm"})]), "vllm"
+        return _models_yml([*entries, ("mlx-x", {**first, "backend": "mlx"})]), "mlx"
     if kind == "bad-id-characters":
         return _models_yml([*entries, ("bad id/with slash", first)]), "bad id/with slash"
     raise AssertionError(kind)

@@ -8,6 +8,9 @@ models.yml again before it lands:
 - A model's `needs` (resource -> amount >= 0) is what it holds while its unit runs; a resource it does not name
   counts 0 (`needs: {}` holds nothing); no `needs` at all holds every resource at full capacity.
 - Models can run at the same time when, for every resource, their needs summed stay within its capacity.
+- A vLLM model with `sleep` (issue 9) is put to sleep instead of stopped: its unit keeps running and it holds its
+  `needs_asleep` (default `{}`: nothing) while another model runs. So it may be asleep beside any model whose needs fit
+  beside its needs_asleep, and its unit must not conflict with that model's.
 
 Used by templates/preflight_problems.yml.j2 (`llm_router_lifecycle_problems`) and templates/backend.service.j2
 (`llm_router_conflicts`: Conflicts= only between models that can never run together).
@@ -20,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 DEFAULT_RESOURCES: dict[str, float] = {"gpu": 1.0}
+SLEEP_LEVELS = (1, 2)  # vLLM's sleep levels (router_app/config.py SLEEP_LEVELS)
 EPSILON = 1e-9  # the router's tolerance when summing needs (router_app/config.py RouterConfig.fits)
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # vars/main.yml _llm_router_model_id_pattern
 
@@ -84,6 +88,32 @@ def model_needs(model: Any, resources: Any) -> dict[str, float]:
     return out
 
 
+def can_sleep(model: Any) -> bool:
+    """Whether the router puts this model to sleep instead of stopping its unit (a vllm model with `sleep` set)."""
+    return isinstance(model, Mapping) and model.get("backend") == "vllm" and model.get("sleep") is not None
+
+
+def model_needs_asleep(model: Any, resources: Any) -> dict[str, float]:
+    """What a sleep-capable `model` holds while asleep, over the effective resources (unset or unreadable: nothing)."""
+    capacity = effective_resources(resources)
+    needs = model.get("needs_asleep") if isinstance(model, Mapping) else None
+    if not isinstance(needs, Mapping):
+        return dict.fromkeys(capacity, 0.0)
+    out = {}
+    for name in capacity:
+        amount = _as_number(needs.get(name, 0))
+        out[name] = 0.0 if amount is None or amount < 0 else amount
+    return out
+
+
+def asleep_beside(sleeper: Any, other: Any, resources: Any) -> bool:
+    """Whether `sleeper` can be asleep (its unit running) while `other` runs: it can sleep and its needs_asleep fit
+    beside the other's needs (past that the router stops the sleeper for real)."""
+    return can_sleep(sleeper) and fits(
+        [model_needs_asleep(sleeper, resources), model_needs(other, resources)], resources
+    )
+
+
 def fits(held: Sequence[Mapping[str, float]], resources: Any) -> bool:
     """Whether these needs, held together, stay within every capacity."""
     capacity = effective_resources(resources)
@@ -91,11 +121,16 @@ def fits(held: Sequence[Mapping[str, float]], resources: Any) -> bool:
 
 
 def conflicts(models: Any, resources: Any = None) -> dict[str, list[str]]:
-    """For every model id, the ids of the models it can never run beside (inventory order).
+    """For every model id, the ids of the models whose units can never run beside its unit (inventory order).
 
     Pairwise is exact: two models can run at the same time iff their two needs fit together (a running third model
     only makes it harder, never possible where the pair alone is not). With no resources and no needs anywhere every
     pair conflicts: one engine at a time, as before issue 8.
+
+    Sleep (issue 9): `Conflicts=` means starting either unit stops the other. A sleep-capable model that the router
+    puts to sleep to make room keeps its unit running, so a pair conflicts only when neither can be asleep beside the
+    other (neither can sleep, or its needs_asleep do not fit beside the other's needs). Otherwise systemd would stop
+    the sleeping engine when the other starts.
     """
     listed = [m for m in (models or []) if isinstance(m, Mapping) and isinstance(m.get("id"), str)]
     needs = {m["id"]: model_needs(m, resources) for m in listed}
@@ -104,9 +139,12 @@ def conflicts(models: Any, resources: Any = None) -> dict[str, list[str]]:
         for second in listed[i + 1 :]:
             if first["id"] == second["id"]:
                 continue
-            if not fits([needs[first["id"]], needs[second["id"]]], resources):
-                out[first["id"]].append(second["id"])
-                out[second["id"]].append(first["id"])
+            if fits([needs[first["id"]], needs[second["id"]]], resources):
+                continue
+            if asleep_beside(first, second, resources) or asleep_beside(second, first, resources):
+                continue
+            out[first["id"]].append(second["id"])
+            out[second["id"]].append(first["id"])
     return out
 
 
@@ -145,6 +183,27 @@ def _check_resources(resources: Any, problems: list[str]) -> None:
             )
 
 
+def _check_needs(
+    where: str, field: str, needs: Any, capacity: Mapping[str, float], resources_set: bool, problems: list[str]
+) -> None:
+    if not isinstance(needs, Mapping):
+        problems.append(
+            f"{where}: {field}: must be a mapping of resource name to amount, e.g. {{gpu: 8}}, got {_fmt(needs)}"
+        )
+        return
+    known = ", ".join(capacity)
+    source = "llm_router_resources" if resources_set else "the default resources, llm_router_resources unset"
+    for name, amount in needs.items():
+        if name not in capacity:
+            problems.append(f"{where}: {field}.{name}: unknown resource ({source}: {known})")
+        elif not _is_number(amount) or amount < 0:
+            problems.append(f"{where}: {field}.{name}: must be a number, 0 or more, got {_fmt(amount)}")
+        elif amount > capacity[name] + EPSILON:
+            problems.append(
+                f"{where}: {field}.{name}: {_fmt(amount)} is more than the capacity of {name} ({_fmt(capacity[name])})"
+            )
+
+
 def _check_model(
     index: int,
     model: Mapping[str, Any],
@@ -162,24 +221,22 @@ def _check_model(
         elif router_port is not None and number == router_port:
             problems.append(f"{where}: port: {number} is the port of the router itself (llm_router_port)")
     if "needs" in model:
-        needs = model["needs"]
-        if not isinstance(needs, Mapping):
+        _check_needs(where, "needs", model["needs"], capacity, resources_set, problems)
+    if "sleep" in model:
+        sleep = model["sleep"]
+        backend = model.get("backend")
+        if isinstance(backend, str) and backend != "vllm":
             problems.append(
-                f"{where}: needs: must be a mapping of resource name to amount, e.g. {{gpu: 8}}, got {_fmt(needs)}"
+                f"{where}: sleep: only vllm models can sleep (vLLM's sleep mode), this one runs on {backend}"
             )
-        else:
-            known = ", ".join(capacity)
-            source = "llm_router_resources" if resources_set else "the default resources, llm_router_resources unset"
-            for name, amount in needs.items():
-                if name not in capacity:
-                    problems.append(f"{where}: needs.{name}: unknown resource ({source}: {known})")
-                elif not _is_number(amount) or amount < 0:
-                    problems.append(f"{where}: needs.{name}: must be a number, 0 or more, got {_fmt(amount)}")
-                elif amount > capacity[name] + EPSILON:
-                    problems.append(
-                        f"{where}: needs.{name}: {_fmt(amount)} is more than the capacity of {name} "
-                        f"({_fmt(capacity[name])})"
-                    )
+        if sleep is not None and (not _is_number(sleep) or sleep not in SLEEP_LEVELS):
+            problems.append(
+                f"{where}: sleep: must be 1 (weights offloaded to host RAM) or 2 (weights discarded), got {_fmt(sleep)}"
+            )
+    if "needs_asleep" in model:
+        if model.get("sleep") is None:
+            problems.append(f"{where}: needs_asleep: only a model with sleep set is ever asleep (set sleep: 1 or 2)")
+        _check_needs(where, "needs_asleep", model["needs_asleep"], capacity, resources_set, problems)
     if "idle_unload" in model:
         value = model["idle_unload"]
         if not _is_number(value) or value < 0:
@@ -264,7 +321,8 @@ def lifecycle_problems(
                 f"llm_router_current_alias: {_fmt(current_alias)} is already {what} of {_where(other_index, other)}"
             )
 
-    # Two models that can run at the same time need two engine URLs (host is always 127.0.0.1: ports).
+    # Two models that can run at the same time need two engine URLs (host is always 127.0.0.1: ports); so do two
+    # models one of which can be asleep (its engine still listening) while the other runs.
     with_ids = [(i, m) for i, m in entries if isinstance(m.get("id"), str)]
     for a, (first_index, first) in enumerate(with_ids):
         for second_index, second in with_ids[a + 1 :]:
@@ -281,6 +339,13 @@ def lifecycle_problems(
                     f"{_where(second_index, second)}: port: {port} is also the engine port of "
                     f"{_where(first_index, first)}, and their needs let both run at once ({together}): give one "
                     "of them its own port"
+                )
+            elif asleep_beside(first, second, resources) or asleep_beside(second, first, resources):
+                sleeper, awake = (first, second) if asleep_beside(first, second, resources) else (second, first)
+                problems.append(
+                    f"{_where(second_index, second)}: port: {port} is also the engine port of "
+                    f'{_where(first_index, first)}, and "{sleeper["id"]}" (sleep: {_fmt(sleeper.get("sleep"))}) '
+                    f'keeps its engine and port while asleep beside "{awake["id"]}": give one of them its own port'
                 )
 
     preload = [(i, m) for i, m in with_ids if m.get("preload") is True]
