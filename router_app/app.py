@@ -31,7 +31,7 @@ def create_app(service: RouterService) -> Quart:
     # Streams are long: Quart's 60 s response timeout would cut them silently (notes/streaming.md).
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 120
-    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = service.config.max_body_bytes  # larger bodies: 413 in OpenAI's envelope
 
     @app.before_serving
     async def startup() -> None:

@@ -88,6 +88,10 @@ class RouterConfig:
     keepalive_interval: float = 5.0
     progress_interval: float = 2.0
     shutdown_grace: float = 60.0
+    stall_timeout: float = 300.0
+    """Seconds an engine may send nothing in the middle of an answer before the router gives up on it."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Largest request body accepted (413 above)."""
     backends: Mapping[str, BackendConfig] = field(default_factory=dict)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     resources: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
@@ -273,6 +277,8 @@ def parse_config(config_data: Any, models_data: Any, problems: list[str], check_
         "resources",
         "idle_unload",
         "current_alias",
+        "stall_timeout",
+        "max_body_bytes",
     }
     c.unknown_keys(config_data, allowed, "")
     listen = c.get(config_data, "listen", "", (str,), "0.0.0.0:8002", _check_listen)
@@ -296,6 +302,8 @@ def parse_config(config_data: Any, models_data: Any, problems: list[str], check_
     keepalive = c.get(config_data, "keepalive_interval", "", num, defaults.keepalive_interval, _positive)
     progress = c.get(config_data, "progress_interval", "", num, defaults.progress_interval, _positive)
     grace = c.get(config_data, "shutdown_grace", "", num, defaults.shutdown_grace, _positive)
+    stall_timeout = c.get(config_data, "stall_timeout", "", num, defaults.stall_timeout, _positive)
+    max_body_bytes = c.get(config_data, "max_body_bytes", "", (int,), defaults.max_body_bytes, _positive)
     resources: dict[str, float] = {}
     for name, capacity in c.get(config_data, "resources", "", (dict,), dict(DEFAULT_RESOURCES)).items():
         if not isinstance(name, str) or not name:
@@ -364,6 +372,8 @@ def parse_config(config_data: Any, models_data: Any, problems: list[str], check_
         keepalive_interval=float(keepalive),
         progress_interval=float(progress),
         shutdown_grace=float(grace),
+        stall_timeout=float(stall_timeout),
+        max_body_bytes=max_body_bytes,
         backends=backends,
         models=models,
         resources=resources,

@@ -105,6 +105,7 @@ class _Plan:
     client_wants_usage: bool
     keepalive_interval: float
     progress_interval: float
+    stall_timeout: float
     received_at: float
     """When the router got the request (monotonic clock): the start of the answer's `approximate_total`."""
     forward_headers: dict[str, str] = field(default_factory=dict)
@@ -132,6 +133,7 @@ class _Plan:
             client_wants_usage=parsed.wants_usage,
             keepalive_interval=config.keepalive_interval,
             progress_interval=config.progress_interval,
+            stall_timeout=config.stall_timeout,
             received_at=received_at,
             forward_headers={
                 "content-type": "application/json",
@@ -488,6 +490,8 @@ async def _relay(
     """Forward the engine's SSE stream; look into an event only when a cheap byte test says so."""
     decoder = SSEDecoder()
     engine_failed = False
+    # Closed before the upstream in `finally`: its read in flight must be cancelled before the upstream can close.
+    reading = ticks(_bytes_only(upstream), min(plan.keepalive_interval, plan.stall_timeout))
     relay = StreamRelay(
         factory,
         footer=plan.footer,
@@ -496,10 +500,14 @@ async def _relay(
         received_at=plan.received_at,
     )
     try:
-        async for item in ticks(_bytes_only(upstream), plan.keepalive_interval):
+        heard_at = time.monotonic()
+        async for item in reading:
             if item is None:
+                if time.monotonic() - heard_at > plan.stall_timeout:
+                    raise _EngineStalled(plan.stall_timeout)
                 yield KEEPALIVE_EVENT
                 continue
+            heard_at = time.monotonic()
             now = time.monotonic()
             out = b"".join(relay.handle(event, now) for event in decoder.feed(item))
             if out:
@@ -525,7 +533,11 @@ async def _relay(
     except httpx.HTTPError as exc:
         reason = f"the engine connection failed mid-answer: {_describe(exc)}"
         engine_failed = True
+    except _EngineStalled as stall:
+        reason = f"the engine sent nothing for {stall.seconds:g} s (stall_timeout) in the middle of the answer"
+        engine_failed = True
     finally:
+        await reading.aclose()
         await upstream.aclose()
         _log_stream(plan, relay)
         # Neither finished nor failed: the client went away mid-answer.
@@ -538,6 +550,12 @@ async def _relay(
     yield relay.flush_held() + _stream_error(
         errors.bad_gateway(f"model {plan.model_id!r}: {reason}", code="engine_failed")
     )
+
+
+class _EngineStalled(Exception):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
 
 
 async def _bytes_only(upstream: AsyncGenerator[UpstreamHead | bytes, None]) -> AsyncGenerator[bytes, None]:

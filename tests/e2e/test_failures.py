@@ -153,3 +153,28 @@ def test_non_streaming_engine_crash_is_a_502_not_a_reload_loop(router: RouterEnv
     assert response.status_code == 502, response.text
     assert response.json()["error"]["message"]
     assert len(router.events("llama-a", "start")) <= 2
+
+
+def test_engine_silent_mid_answer_ends_the_stream_after_stall_timeout(router_factory) -> None:  # type: ignore[no-untyped-def]
+    router: RouterEnv = router_factory(stall_timeout=1, keepalive_interval=0.5)
+    assert router.stream_chat("llama-a", "[[tokens:2]]").done  # loaded
+    started = time.monotonic()
+    result = router.stream_chat("llama-a", "[[silence:4]] [[tokens:3]]")
+    took = time.monotonic() - started
+    assert result.done, "the stream ends properly: error event, then [DONE]"
+    (error,) = result.errors
+    assert error["code"] == "engine_failed" and "stall_timeout" in error["message"], error
+    assert took < 3.5, f"given up after {took:.1f} s, not after the engine's 4 s of silence"
+    following = router.stream_chat("llama-a", "[[tokens:2]]")
+    assert following.done and not following.errors, "the very next request works"
+
+
+def test_a_body_above_max_body_bytes_gets_413_in_openai_shape(router_factory) -> None:  # type: ignore[no-untyped-def]
+    router: RouterEnv = router_factory(max_body_bytes=100_000)
+    big = {"model": "llama-a", "messages": [{"role": "user", "content": "x" * 200_000}]}
+    with router.client() as client:
+        response = client.post("/v1/chat/completions", json=big)
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["type"] and response.json()["error"]["message"]
+        small = client.post("/v1/chat/completions", json={**big, "messages": [{"role": "user", "content": "hi"}]})
+        assert small.status_code == 200
