@@ -73,6 +73,28 @@ def fit_together(*model_ids: str) -> bool:
     return all(sum(needs_of(m)[r] for m in model_ids) <= cap + 1e-9 for r, cap in RESOURCES.items())
 
 
+def can_sleep(model_id: str) -> bool:
+    """A vLLM model with `sleep`: the router puts it to sleep instead of stopping its unit."""
+    return BY_ID[model_id].get("backend") == "vllm" and BY_ID[model_id].get("sleep") is not None
+
+
+def needs_asleep_of(model_id: str) -> dict[str, float]:
+    needs = BY_ID[model_id].get("needs_asleep") or {}
+    return {r: float(needs.get(r, 0)) for r in RESOURCES}
+
+
+def asleep_beside(sleeper: str, other: str) -> bool:
+    return can_sleep(sleeper) and all(
+        needs_asleep_of(sleeper)[r] + needs_of(other)[r] <= cap + 1e-9 for r, cap in RESOURCES.items()
+    )
+
+
+def units_conflict(a: str, b: str) -> bool:
+    """Whether the units of a and b conflict: the models never run together, and neither can be asleep (its unit
+    running) beside the other."""
+    return not fit_together(a, b) and not asleep_beside(a, b) and not asleep_beside(b, a)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -21,6 +21,7 @@ from conftest import (
     fit_together,
     run_as_router_user,
     unit_of,
+    units_conflict,
 )
 
 
@@ -33,11 +34,12 @@ def test_the_inventory_exercises_both_cases() -> None:
     pairs = list(itertools.combinations(MODEL_IDS, 2))
     assert any(fit_together(a, b) for a, b in pairs), "no pair of models that can run together"
     assert any(not fit_together(a, b) for a, b in pairs), "no pair of models that can never run together"
+    assert any(not fit_together(a, b) and not units_conflict(a, b) for a, b in pairs), "no pair kept apart by sleep"
 
 
 @pytest.mark.parametrize("model_id", MODEL_IDS)
 def test_conflicts_exactly_with_the_models_it_can_never_run_beside(box: Any, model_id: str) -> None:
-    expected = {other for other in MODEL_IDS if other != model_id and not fit_together(model_id, other)}
+    expected = {other for other in MODEL_IDS if other != model_id and units_conflict(model_id, other)}
     assert _conflicts(box, model_id) == expected, f"needs {BY_ID[model_id].get('needs')} of {RESOURCES}"
 
 
@@ -46,7 +48,7 @@ def test_conflicting_units_are_ordered_one_way(box: Any) -> None:
     for a, b in itertools.permutations(MODEL_IDS, 2):
         after = set(box.run(f"systemctl show -P After {unit_of(a)}").stdout.split())
         if unit_of(b) in after:
-            assert not fit_together(a, b), f"{a} is ordered after {b}, but they may run together"
+            assert units_conflict(a, b), f"{a} is ordered after {b}, but their units may run together"
             back = set(box.run(f"systemctl show -P After {unit_of(b)}").stdout.split())
             assert unit_of(a) not in back, f"ordering cycle between {a} and {b}"
 
@@ -69,7 +71,7 @@ def test_models_yml_has_the_per_model_settings(box: Any) -> None:
     assert list(models) == MODEL_IDS
     for model_id, entry in models.items():
         inv = BY_ID[model_id]
-        for key in ("needs", "idle_unload", "preload", "aliases"):
+        for key in ("needs", "idle_unload", "preload", "aliases", "sleep", "needs_asleep"):
             assert entry.get(key) == inv.get(key), f"{model_id}.{key}"
         if "port" in inv:
             assert entry["url"] == f"http://127.0.0.1:{inv['port']}"
