@@ -156,7 +156,8 @@ def test_preload_load_unload_sse_idle_unload_and_current_alias(router_factory) -
 
         # Idle unload: b has idle_unload 1 s and nothing uses it.
         wait_until(lambda: router.is_active("b") == "inactive", 5, "the idle model b to be stopped")
-        assert reader.of("b")[-1]["data"]["status"] == "unloaded"
+        # The event follows once the router saw the stop finish (and the port close).
+        wait_until(lambda: reader.of("b")[-1]["data"]["status"] == "unloaded", 5, "b unloaded on /models/sse")
         assert metric(router, "llm_router_model_unloads_total", model="b", reason="idle") == 1
 
         # A second load of b has history: its loading events carry a progress estimate.
