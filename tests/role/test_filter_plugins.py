@@ -354,3 +354,9 @@ def test_a_sleeper_needs_a_port_of_its_own() -> None:
     assert problems([sleeper("a"), sleeper("b", port=8001)], backend_ports=VLLM_PORTS) == []
     # Two vLLM models without sleep never run together (one engine at a time): they may share the port.
     assert problems([model("a", "vllm"), model("b", "vllm")], backend_ports=VLLM_PORTS) == []
+
+
+def test_sleep_null_means_unset() -> None:
+    """models.yml omits a null sleep, and the router reads a missing one as "never sleeps"."""
+    assert problems([model("a", "sglang", sleep=None), model("b", "vllm", sleep=None)], backend_ports=VLLM_PORTS) == []
+    assert lc.conflicts([model("a", "vllm", sleep=None), model("b", "vllm")], {}) == {"a": ["b"], "b": ["a"]}

@@ -222,14 +222,14 @@ def _check_model(
             problems.append(f"{where}: port: {number} is the port of the router itself (llm_router_port)")
     if "needs" in model:
         _check_needs(where, "needs", model["needs"], capacity, resources_set, problems)
-    if "sleep" in model:
+    if model.get("sleep") is not None:  # null: not set (the router's default)
         sleep = model["sleep"]
         backend = model.get("backend")
         if isinstance(backend, str) and backend != "vllm":
             problems.append(
                 f"{where}: sleep: only vllm models can sleep (vLLM's sleep mode), this one runs on {backend}"
             )
-        if sleep is not None and (not _is_number(sleep) or sleep not in SLEEP_LEVELS):
+        if not _is_number(sleep) or sleep not in SLEEP_LEVELS:
             problems.append(
                 f"{where}: sleep: must be 1 (weights offloaded to host RAM) or 2 (weights discarded), got {_fmt(sleep)}"
             )
