@@ -337,6 +337,11 @@ def test_a_valid_vllm_inventory_has_no_problems() -> None:
         (sleeper("m", needs_asleep={"gpu": 2}), "needs_asleep.gpu: 2 is more than the capacity of gpu (1)"),
         (sleeper("m", needs_asleep={"gpu": -1}), "needs_asleep.gpu: must be a number, 0 or more, got -1"),
         (sleeper("m", needs_asleep=[1]), "needs_asleep: must be a mapping of resource name to amount"),
+        (
+            sleeper("m", args=["--max-model-len", 4096, "--host", "0.0.0.0"]),
+            "args[2]: --host: with sleep the engine serves vLLM's unauthenticated dev-mode endpoints",
+        ),
+        (sleeper("m", args=["--host=0.0.0.0"]), "args[0]: --host=0.0.0.0: with sleep the engine serves"),
     ],
 )
 def test_bad_sleep_fields_name_the_model_and_field(entry: dict[str, Any], message: str) -> None:

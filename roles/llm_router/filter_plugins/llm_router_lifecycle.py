@@ -233,6 +233,14 @@ def _check_model(
             problems.append(
                 f"{where}: sleep: must be 1 (weights offloaded to host RAM) or 2 (weights discarded), got {_fmt(sleep)}"
             )
+        args = model.get("args")
+        if isinstance(args, Sequence) and not isinstance(args, (str, Mapping)):
+            for i, arg in enumerate(args):
+                if isinstance(arg, str) and (arg == "--host" or arg.startswith("--host=")):
+                    problems.append(
+                        f"{where}: args[{i}]: {arg}: with sleep the engine serves vLLM's unauthenticated dev-mode "
+                        "endpoints (VLLM_SERVER_DEV_MODE=1); it must stay on 127.0.0.1, where the role binds it"
+                    )
     if "needs_asleep" in model:
         if model.get("sleep") is None:
             problems.append(f"{where}: needs_asleep: only a model with sleep set is ever asleep (set sleep: 1 or 2)")
