@@ -48,7 +48,12 @@ def create_app(service: RouterService) -> Quart:
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
-        message = {404: f"no route {request.method} {request.path}", 405: f"method {request.method} not allowed"}
+        message = {
+            404: f"no route {request.method} {request.path}",
+            405: f"method {request.method} not allowed",
+            413: f"The request body is larger than the router's limit of {app.config['MAX_CONTENT_LENGTH']} bytes "
+            "(max_body_bytes).",
+        }
         return error_response(
             errors.OpenAIError(
                 status, message.get(status, error.description or error.name), errors.type_for_status(status)

@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from router_app import errors
+from router_app.requests import MAX_JSON_DEPTH, json_depth
 from router_app.sse import KEEPALIVE_EVENT
 from router_app.switcher import ModelEvent, ModelStatus, Switcher
 
@@ -23,8 +24,17 @@ def requested_model(raw: bytes | str, switcher: Switcher) -> str:
     """The configured model a `{"model": ID}` body names (an id or an alias); OpenAIError 400/404 otherwise."""
     try:
         body = json.loads(raw or b"{}")
-    except ValueError as exc:
+    except ValueError as exc:  # also UnicodeDecodeError
         raise errors.invalid_request(f"The request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        body = None
+        too_deep = True
+    else:
+        too_deep = json_depth(body) > MAX_JSON_DEPTH
+    if too_deep:
+        raise errors.invalid_request(
+            f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels of arrays and objects)."
+        )
     model = body.get("model") if isinstance(body, Mapping) else None
     if not isinstance(model, str) or not model:
         raise errors.invalid_request('The body must be a JSON object with "model": the model id.', param="model")

@@ -8,6 +8,7 @@ Everything that deserves a real HTTP status is decided here, before any response
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
@@ -22,6 +23,11 @@ ANNOTATE_HEADER = "X-LLM-Router-Annotate"
 """Request header; `off` (or `0`, `false`, `no`) turns status text and footer off for that request."""
 
 _OFF_VALUES = frozenset({"off", "0", "false", "no"})
+
+MAX_JSON_DEPTH = 128
+"""Deepest nesting of arrays and objects a request body may have. Real requests (tool schemas, structured outputs)
+stay far below; much deeper bodies would exhaust Python's recursion limit when the body is re-serialised for the
+engine (a 500 instead of a 400)."""
 
 
 @dataclass(frozen=True)
@@ -125,17 +131,51 @@ def _parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         _bad("The request body is empty; expected a JSON object.")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except ValueError as exc:  # also UnicodeDecodeError
         _bad(f"The request body is not valid JSON: {exc}")
+    except RecursionError:
+        _bad(f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels of arrays and objects).")
     if not isinstance(body, dict):
         _bad(f"The request body must be a JSON object, got {_json_type(body)}.")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        _bad(f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels of arrays and objects).")
     return body
+
+
+def json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (a scalar is 0), without recursion; stops counting
+    once past `MAX_JSON_DEPTH`."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        if depth > deepest:
+            deepest = depth
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+        pending.extend((child, depth) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def _reject_constant(name: str) -> NoReturn:
     # Python's json accepts NaN and Infinity; they are not JSON and engines would reject the re-serialised body.
     raise ValueError(f"{name} is not a valid JSON value")
+
+
+def _finite_float(text: str) -> float:
+    # 1e999 parses to inf, which json.dumps writes back as the non-JSON `Infinity` when the body is re-serialised.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range for a JSON number")
+    return value
 
 
 def _bad(message: str, param: str | None = None) -> NoReturn:

@@ -6,16 +6,35 @@ import asyncio
 import logging
 import signal
 import sys
+from http import HTTPStatus
+from itertools import chain
 from pathlib import Path
 
+import h11
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
 
+from router_app import errors
 from router_app.app import create_app
 from router_app.config import ConfigError, RouterConfig, load_config
 from router_app.service import RouterService
 
 log = logging.getLogger("llm_router")
+
+KEEP_ALIVE_TIMEOUT = 75.0
+"""Seconds an idle client connection stays open (hypercorn's default is 5 s). Clients must close an idle connection
+before the server does: with equal timeouts (httpx's pool expires idle connections at 5 s too) a request sent on a
+reused connection just as the server closes it gets no answer at all ("Server disconnected without sending a
+response"). 75 s is above the idle expiry of httpx (5 s), aiohttp (15 s, Open-WebUI) and Node (5 s)."""
 
 
 def hypercorn_config(config: RouterConfig) -> HypercornConfig:
@@ -28,7 +47,74 @@ def hypercorn_config(config: RouterConfig) -> HypercornConfig:
     hc.errorlog = logging.getLogger("hypercorn.error")
     # Streams may run for many minutes: no read timeout (it would also cut responses that are still streaming).
     hc.read_timeout = None
+    hc.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     return hc
+
+
+class CloseUnreadRequests:
+    """ASGI middleware: an answer that goes out before the request body was read to its end (413 above
+    `max_body_bytes`, 401, 404, 400 on a body still arriving) says `Connection: close`.
+
+    hypercorn closes such a connection as soon as the answer is sent (the request is unfinished, so the connection
+    cannot be reused) but does not tell the client. A keep-alive client (httpx, aiohttp, requests) then sends its
+    next request on that connection and gets no answer at all: "Server disconnected without sending a response".
+    With the header it opens a new connection instead.
+    """
+
+    def __init__(self, app: ASGIFramework) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        complete = False
+
+        async def tracked_receive() -> ASGIReceiveEvent:
+            nonlocal complete
+            message = await receive()
+            if message["type"] != "http.request" or not message["more_body"]:
+                complete = True
+            return message
+
+        async def marked_send(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.start" and not complete:
+                headers = [(name, value) for name, value in message["headers"] if name.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, tracked_receive, marked_send)
+
+
+def protocol_error_body(status_code: int) -> bytes:
+    """The envelope for a request hypercorn refuses before the app sees it (a malformed request line or header,
+    headers above `h11_max_incomplete_size`: 400, 431)."""
+    try:
+        phrase = HTTPStatus(status_code).phrase
+    except ValueError:
+        phrase = "Bad Request"
+    message = f"The HTTP request could not be parsed: {phrase}."
+    if status_code == 431:
+        message = "The request's header fields are too large."
+    return errors.OpenAIError(status_code, message, errors.type_for_status(status_code)).body()
+
+
+async def _send_protocol_error(self: H11Protocol, status_code: int) -> None:
+    # hypercorn's own version answers with an empty body; clients only understand OpenAI's envelope.
+    body = protocol_error_body(status_code)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await self._send_h11_event(
+        h11.Response(status_code=status_code, headers=list(chain(headers, self.config.response_headers("h11"))))
+    )
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
+
+
+H11Protocol._send_error_response = _send_protocol_error  # type: ignore[method-assign]
 
 
 def serve(config_dir: Path) -> int:
@@ -56,5 +142,5 @@ async def _serve(config_dir: Path, config: RouterConfig) -> None:
     log.info(
         "llm-router listening on %s:%d with %d model(s)", config.listen_host, config.listen_port, len(config.models)
     )
-    await hypercorn_serve(app, hypercorn_config(config), shutdown_trigger=stop.wait)
+    await hypercorn_serve(CloseUnreadRequests(app), hypercorn_config(config), shutdown_trigger=stop.wait)
     log.info("llm-router stopped")

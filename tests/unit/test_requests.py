@@ -9,7 +9,15 @@ import pytest
 
 from router_app.annotations import speed_footer
 from router_app.errors import OpenAIError
-from router_app.requests import ANNOTATE_HEADER, Endpoint, annotations_allowed, asks_for_json, parse_request
+from router_app.requests import (
+    ANNOTATE_HEADER,
+    MAX_JSON_DEPTH,
+    Endpoint,
+    annotations_allowed,
+    asks_for_json,
+    json_depth,
+    parse_request,
+)
 
 
 def raw(body: Any) -> bytes:
@@ -177,3 +185,43 @@ def test_annotation_header(headers: dict[str, str], allowed: bool) -> None:
 @pytest.mark.parametrize("endpoint", ["chat", "completion", "embedding"])
 def test_annotation_per_endpoint(endpoint: Endpoint) -> None:
     assert parse_request(raw({"model": "m"}), endpoint).annotate is (endpoint != "embedding")
+
+
+@pytest.mark.parametrize("depth", [129, 900, 10_000])
+@pytest.mark.parametrize("opener", ["[", '{"a":'])
+def test_deeply_nested_bodies_are_a_400_not_a_recursion_error(depth: int, opener: str) -> None:
+    # 10 000 levels overflowed json.loads (RecursionError, HTTP 500 through the router); levels just under Python's
+    # recursion limit would parse here but leave no room to re-serialise the body inside the request handler.
+    closer = "]" if opener == "[" else "}"
+    raw = ('{"model": "m", "stream": true, "messages": ' + opener * depth + "1" + closer * depth + "}").encode()
+    with pytest.raises(OpenAIError) as caught:
+        parse_request(raw, "chat")
+    assert caught.value.status == 400
+    assert "nested too deeply" in caught.value.message
+
+
+def test_nesting_up_to_the_limit_is_accepted_and_re_serialised() -> None:
+    depth = MAX_JSON_DEPTH - 3  # the body object, the messages list and the message are levels too
+    schema: Any = {}
+    for _ in range(depth - 1):
+        schema = {"a": schema}
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x", "s": schema}]}
+    parsed = parse_request(json.dumps(body).encode(), "chat")
+    assert json_depth(parsed.body) == MAX_JSON_DEPTH
+    assert json.loads(parsed.upstream_body())["stream_options"] == {"include_usage": True}
+
+
+def test_json_depth() -> None:
+    assert json_depth(1) == 0
+    assert json_depth([]) == 1
+    assert json_depth({"a": [1, {"b": []}]}) == 4
+    assert json_depth([[1], [[2]], []]) == 3
+
+
+def test_numbers_out_of_float_range_are_a_400() -> None:
+    # They would parse to inf and be re-serialised for the engine as the non-JSON `Infinity`.
+    with pytest.raises(OpenAIError) as caught:
+        parse_request(b'{"model": "m", "stream": true, "temperature": 1e999}', "chat")
+    assert caught.value.status == 400
+    assert "out of range" in caught.value.message
+    assert parse_request(b'{"model": "m", "temperature": 1.5e300}', "chat").body["temperature"] == 1.5e300
