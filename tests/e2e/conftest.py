@@ -133,7 +133,7 @@ class RouterEnv:
         # A router (or engine) left over from an earlier run would answer /health in this router's place.
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                raise RuntimeError(f"port {self.port} is already in use: a leftover router? (ss -ltnp | grep {self.port})")
+                raise RuntimeError(f"port {self.port} is already in use: a leftover router? (ss -ltnp)")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
