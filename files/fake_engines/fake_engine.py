@@ -14,10 +14,11 @@ Ansible role's molecule test, launched exactly like the real engines (see README
 Environment knobs (all optional): FAKE_LOAD_SECONDS (0.5), FAKE_FAIL_LOAD, FAKE_FAIL_AFTER (0.2),
 FAKE_FAIL_MESSAGE, FAKE_CHECK_MODEL_FILE, FAKE_TOKENS (16), FAKE_TOKEN_DELAY (0.01), FAKE_SILENCE (0),
 FAKE_CRASH_AFTER, FAKE_PING_INTERVAL (15), FAKE_EMBED_DIM (8), FAKE_KEEPALIVE_TIMEOUT (5), FAKE_EVENT_LOG,
-FAKE_ACCESS_LOG (1); vLLM sleep mode (with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1):
+FAKE_ACCESS_LOG (1), FAKE_IGNORE_SIGTERM; vLLM sleep mode (with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1):
 FAKE_SLEEP_SECONDS (0.2), FAKE_WAKE_SECONDS (0.3), FAKE_WAKE2_SECONDS (1.0), FAKE_WAKE_FAIL,
 FAKE_ASLEEP_REQUESTS (wait|error|abort).  Per-request magic words in the last user message (or the prompt / input):
-[[tokens:N]] [[delay:S]] [[silence:S]] [[crash-after:N]] [[error]] [[error-midstream]] [[tool:NAME]].
+[[tokens:N]] [[delay:S]] [[silence:S]] [[crash-after:N]] [[error]] [[error-midstream]] [[tool:NAME]]
+[[malformed-sse]] [[html-500]].
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ DEFAULT_PORTS = {"llamacpp": 8080, "sglang": 30000, "tabbyapi": 5000, "vllm": 80
 VLLM_MODULES = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.cli.main")
 VLLM_VERSION = "0.0.0+fake"
 TABBY_SECTIONS = ("network", "logging", "model", "draft_model", "lora", "embeddings", "sampling", "developer")
-MAGIC_RE = re.compile(r"\[\[(tokens|delay|silence|crash-after|error-midstream|error|tool)(?::\s*([^\]]*))?\]\]")
+MAGIC_RE = re.compile(
+    r"\[\[(tokens|delay|silence|crash-after|error-midstream|error|tool|malformed-sse|html-500)(?::\s*([^\]]*))?\]\]"
+)
 JSON_SEPARATORS = (",", ":")
 
 
@@ -384,6 +387,8 @@ class Plan:
         self.crash_after = env_int("FAKE_CRASH_AFTER", None)
         self.error = False
         self.error_midstream = False
+        self.malformed_sse = False
+        self.html_500 = False
         self.prompt_tokens = 1
         self.tool_call: tuple[str, str] | None = None  # (name, JSON arguments): answer with this tool call
 
@@ -463,6 +468,10 @@ def make_plan(body: dict[str, Any], magic_text: str, all_text: str) -> Plan:
                 plan.error = True
             elif name == "error-midstream":
                 plan.error_midstream = True
+            elif name == "malformed-sse":
+                plan.malformed_sse = True
+            elif name == "html-500":
+                plan.html_500 = True
         except ValueError:
             continue
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
@@ -1092,6 +1101,17 @@ class Engine:
     def magic_error(self, h: Any) -> None:
         return h.send_json(400, error_shape(self.cfg.kind, 400, "fake error requested with [[error]]"))
 
+    def html_error(self, h: Any) -> None:
+        """[[html-500]]: what a crashed handler behind a proxy or a framework's debug page sends: 500, text/html."""
+        body = (b"<!DOCTYPE html>\n<html><head><title>500 Internal Server Error</title></head>\n<body><h1>Internal "
+                b"Server Error</h1><p>The server encountered an internal error ([[html-500]]).</p></body></html>\n")
+        self.events.emit("html_500")
+        h.send_response(500)
+        h.send_header("Content-Type", "text/html; charset=utf-8")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
     # -- generation -----------------------------------------------------------------------------------------------
     def generate(self, h: Any, path: str, body: dict[str, Any], stream: bool, hold: bool = False,
                  abort_now: bool = False) -> None:
@@ -1122,6 +1142,8 @@ class Engine:
         plan = make_plan(body, magic_text, all_text)
         if plan.error:
             return self.magic_error(h)
+        if plan.html_500:
+            return self.html_error(h)
         if endpoint == "chat":
             plan.tool_call = wanted_tool_call(body, messages)
             if plan.tool_call is not None:  # two "tokens": the name chunk and the arguments chunk
@@ -1192,6 +1214,8 @@ class Engine:
                 self.crash(plan.crash_after)
             if plan.error_midstream and timer.n >= min(2, plan.tokens):
                 return self.midstream_error(w)
+            if plan.malformed_sse and timer.n == min(2, plan.tokens):
+                self.malformed_events(w)
         if plan.error_midstream:  # zero tokens requested
             return self.midstream_error(w)
         for chunk in shapes.final_chunks(timer):
@@ -1199,6 +1223,14 @@ class Engine:
         w.done()
         self.events.emit("stream_completed", path=path, tokens=timer.n)  # before the client can see the end
         w.close()
+
+    def malformed_events(self, w: SSEWriter) -> None:
+        """[[malformed-sse]]: after 2 tokens, a data line that is not JSON, a JSON line that is no chunk, a line
+        without a field name and an unknown field; then the stream goes on normally."""
+        for payload in (b"data: {not json at all", b'data: {"choices": "nope"}', b"garbage without a field name",
+                        b"event: surprise\ndata: [not, json]", b"data: \xff\xfe invalid utf-8"):
+            w.write(payload + w.sep)
+        self.events.emit("malformed_sse", path=w.path)
 
     def midstream_error(self, w: SSEWriter) -> None:
         message = "fake error in the middle of the stream ([[error-midstream]])"
@@ -1478,7 +1510,12 @@ def main(argv: list[str] | None = None) -> int:
         events.emit("stop", signal=name)
         os._exit(0)
 
-    signal.signal(signal.SIGTERM, on_signal)
+    def ignore_signal(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        log.info(f"received {name}, ignoring it (FAKE_IGNORE_SIGTERM)")
+        events.emit("ignored_signal", signal=name)
+
+    signal.signal(signal.SIGTERM, ignore_signal if env_flag("FAKE_IGNORE_SIGTERM") else on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
     try:

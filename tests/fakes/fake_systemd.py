@@ -21,6 +21,24 @@ Semantics (as far as a router can observe them):
 - stop: KillMode=control-group on the process group: SIGTERM (+SIGCONT), wait until every process is gone,
   SIGKILL after stop_timeout; returns once they are gone.  A failed unit is reset to inactive.
 - is-active / is-failed / show / reset-failed / restart / kill / status / daemon-reload like systemctl.
+
+Faults (STATE_DIR/faults.json, read by every invocation, so a test can switch them on and off at any time; write it
+with tests/fakes/fake_units.py's FakeSystemd.set_faults()):
+    {"deny": {"start": ["UNIT", ...] or "*", "stop": [...], "restart": [...]},
+     "deny_reason": "interactive" | "denied",
+     "stop_delay": {"UNIT" or "*": SECONDS},
+     "journal": "unreadable"}
+- deny: polkit says no to a privileged verb on those units (the unprivileged verbs is-active/show/status/
+  is-failed never need polkit): systemctl prints `Failed to start UNIT: Interactive authentication required.`
+  (deny_reason "interactive", the default: no polkit rule admits the caller and --no-ask-password/no agent) or
+  `Failed to start UNIT: Access denied` (deny_reason "denied": a rule returned polkit.Result.NO), then
+  `See system logs and 'systemctl status UNIT' for details.`, and exits 1, changing nothing.
+- stop_delay: `systemctl stop` of that unit sleeps SECONDS (unit stays active, not locked) before it acts: a
+  stop job that queues behind something slow.
+- journal "unreadable": journalctl prints `No journal files were opened due to insufficient permissions.` on
+  stderr and exits 1, like a user outside the systemd-journal/adm groups.
+A unit that does not stop on SIGTERM (the fake engine's FAKE_IGNORE_SIGTERM=1) is killed after its definition's
+stop_timeout, journal `State 'stop-sigterm' timed out. Killing.`, as systemd does at TimeoutStopSec.
 Limits: processes that leave the process group (setsid) escape `stop` (real systemd uses a cgroup).
 """
 
@@ -345,6 +363,34 @@ def spawn(unit: Unit, invocation: str) -> tuple[bool, int, int, str]:
     return False, 203, 0, f"{unit.name}: supervisor failed to start the unit"
 
 
+def read_faults(state_dir: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(state_dir, "faults.json"), encoding="utf-8") as fh:
+            data = json.load(fh)
+            return data if isinstance(data, dict) else {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def denied(faults: dict[str, Any], verb: str, unit: Unit) -> bool:
+    """polkit refuses VERB on UNIT: print systemctl's message; True when refused."""
+    units = (faults.get("deny") or {}).get(verb)
+    if not units or not (units == "*" or unit.name in units or unit.key in units):
+        return False
+    reason = "Access denied" if faults.get("deny_reason") == "denied" else "Interactive authentication required."
+    err(f"Failed to {verb} {unit.name}: {reason}\nSee system logs and 'systemctl status {unit.name}' for details.")
+    return True
+
+
+def stop_delay(faults: dict[str, Any], unit: Unit) -> float:
+    delays = faults.get("stop_delay") or {}
+    value = delays.get(unit.name, delays.get(unit.key, delays.get("*", 0)))
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def cmd_start(unit: Unit) -> int:
     if not unit.known:
         err(f"Failed to start {unit.name}: Unit {unit.name} not found.")
@@ -528,9 +574,18 @@ def systemctl(state_dir: str, args: list[str]) -> int:
                 "show", "status") and not units and verb != "show":
         err(f"Too few arguments for {verb}.")
         return 1
+    faults = read_faults(state_dir)
+    if verb in ("start", "stop", "restart", "reload-or-restart", "try-restart", "kill", "reset-failed"):
+        for u in units:
+            if u.known and denied(faults, "restart" if "restart" in verb else verb, u):
+                return 1
     if verb == "start":
         return max((cmd_start(u) for u in units), default=0)
     if verb == "stop":
+        for u in units:
+            delay = stop_delay(faults, u) if u.known else 0.0
+            if delay:
+                time.sleep(delay)
         return max((cmd_stop(u) for u in units), default=0)
     if verb in ("restart", "reload-or-restart", "try-restart"):
         rc = 0
@@ -595,6 +650,9 @@ def systemctl(state_dir: str, args: list[str]) -> int:
 
 
 def journalctl(state_dir: str, args: list[str]) -> int:
+    if read_faults(state_dir).get("journal") == "unreadable":
+        err("No journal files were opened due to insufficient permissions.")
+        return 1
     units: list[str] = []
     n: int | None = None  # None: the whole journal
     quiet = False

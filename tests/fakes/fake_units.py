@@ -145,8 +145,18 @@ class FakeSystemd:
     def units(self) -> list[str]:
         return sorted(p.name[:-5] for p in (self.state_dir / "units").glob("*.json"))
 
+    def set_faults(self, **faults: object) -> None:
+        """Write STATE_DIR/faults.json (see fake_systemd.py): deny={"start": [UNIT] or "*", "stop": ...},
+        deny_reason="interactive"|"denied", stop_delay={UNIT or "*": SECONDS}, journal="unreadable".
+        No arguments: no faults."""
+        path = self.state_dir / "faults.json"
+        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(faults))
+        os.replace(tmp, path)
+
     def stop_all(self) -> None:
-        """Stop every defined unit (teardown): leaves no process behind."""
+        """Stop every defined unit (teardown): leaves no process behind (faults are cleared first)."""
+        (self.state_dir / "faults.json").unlink(missing_ok=True)
         units = self.units()
         if units:
             self.systemctl("stop", *units)
