@@ -61,10 +61,12 @@ class HttpEngineProbe:
     async def port_closed(self, backend: BackendConfig) -> bool:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(backend.host, backend.port), 1.0)
-        except (ConnectionRefusedError, OSError):
-            return True
-        except TimeoutError:
+        except asyncio.TimeoutError:
+            # Before OSError: from Python 3.11 on this is the builtin TimeoutError, an OSError. A listener whose accept
+            # queue is full (a process that holds the port but no longer accepts) times out: the port is in use.
             return False
+        except OSError:  # refused, unreachable: nothing listens
+            return True
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
