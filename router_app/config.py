@@ -508,6 +508,11 @@ def _parse_needs(
     return parsed
 
 
+def _asleep_beside(config: RouterConfig, sleeper: ModelConfig, other: ModelConfig) -> bool:
+    """`sleeper` can sleep (its unit running) while `other` runs."""
+    return sleeper.sleep is not None and config.fits([dict(sleeper.needs_asleep), config.needs(other)])
+
+
 def _check_aliases(value: list[Any]) -> str | None:
     for alias in value:
         if not isinstance(alias, str) or not MODEL_ID_PATTERN.match(alias):
@@ -542,12 +547,19 @@ def _check_together(
         for second in listed[index + 1 :]:
             if first.backend not in backends or second.backend not in backends:
                 continue
-            same_url = probe.engine(first).url == probe.engine(second).url
-            if same_url and probe.fits([probe.needs(first), probe.needs(second)]):
+            if probe.engine(first).url != probe.engine(second).url:
+                continue
+            if probe.fits([probe.needs(first), probe.needs(second)]):
                 c.problem(
                     f"models.{second.id}.url",
                     f"{probe.engine(second).url} is also the engine URL of {first.id!r}, and their needs let both run "
                     "at once: give one of them its own url (port)",
+                )
+            elif _asleep_beside(probe, first, second) or _asleep_beside(probe, second, first):
+                c.problem(
+                    f"models.{second.id}.url",
+                    f"{probe.engine(second).url} is also the engine URL of {first.id!r}, and one of them keeps its "
+                    "engine (and port) asleep while the other runs: give one of them its own url (port)",
                 )
     preload = [m for m in listed if m.preload]
     if preload and not probe.fits([probe.needs(m) for m in preload]):

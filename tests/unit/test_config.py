@@ -290,3 +290,17 @@ def test_shared_url_is_fine_for_models_that_never_run_together() -> None:
     models = lifecycle_models(embed={"url": "http://127.0.0.1:8085", "needs": {"gpu": 3}})
     assert problems_of(LIFECYCLE_CONFIG, models) == [], "8 + 3 > 10: they never run at once, sharing a port is fine"
     assert problems_of(GOOD_CONFIG, GOOD_MODELS) == []
+
+
+def test_a_sleeper_may_not_share_its_engine_url_with_a_model_that_runs_while_it_sleeps() -> None:
+    vllm = {**LIFECYCLE_CONFIG, "backends": {**GOOD_CONFIG["backends"], "vllm": {"url": "http://127.0.0.1:8000"}}}
+    models = {
+        "models": {
+            "qa": {"backend": "vllm", "unit": "llm-backend-qa.service", "needs": {"gpu": 8}, "sleep": 1},
+            "qb": {"backend": "vllm", "unit": "llm-backend-qb.service", "needs": {"gpu": 8}},
+        }
+    }
+    found = problems_of(vllm, models)
+    assert any("keeps its engine (and port) asleep" in p for p in found), found
+    models["models"]["qb"]["url"] = "http://127.0.0.1:8001"
+    assert problems_of(vllm, models) == []
