@@ -62,7 +62,11 @@ class Systemctl:
         self.command_timeout = command_timeout
 
     async def _run(self, *args: str) -> CommandResult:
-        return await run_command([*self.systemctl, *args], self.command_timeout)
+        try:
+            return await run_command([*self.systemctl, *args], self.command_timeout)
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+            # A stuck job or D-Bus: the switcher handles UnitError everywhere (a bare TimeoutError wedged a stop).
+            raise UnitError(f"systemctl {' '.join(args)} did not return within {self.command_timeout:g} s") from None
 
     async def start(self, unit: str) -> None:
         result = await self._run("start", unit)
