@@ -474,6 +474,8 @@ def _log_stream(plan: _Plan, relay: StreamRelay) -> None:
     outcome = "error" if relay.saw_error else "complete" if relay.saw_finish else "cut short"
     figures = f", {speed.tokens} tokens at {speed.tokens_per_second:.1f} tok/s" if speed else ""
     log.info("%s stream for %s: %s%s", plan.kind, plan.model_id, outcome, figures)
+    if relay.dropped:
+        log.warning("engine for %s sent %d malformed SSE event(s): dropped", plan.model_id, relay.dropped)
 
 
 def _stream_error(error: errors.OpenAIError) -> bytes:
@@ -490,8 +492,9 @@ async def _relay(
     """Forward the engine's SSE stream; look into an event only when a cheap byte test says so."""
     decoder = SSEDecoder()
     engine_failed = False
+    shutting_down = False
     # Closed before the upstream in `finally`: its read in flight must be cancelled before the upstream can close.
-    reading = ticks(_bytes_only(upstream), min(plan.keepalive_interval, plan.stall_timeout))
+    reading = ticks(_bytes_only(upstream), min(plan.keepalive_interval, plan.stall_timeout), service.ending)
     relay = StreamRelay(
         factory,
         footer=plan.footer,
@@ -528,8 +531,12 @@ async def _relay(
             # The answer (or the engine's error) was complete but the engine omitted [DONE]: end properly.
             yield DONE_EVENT
             return
-        reason = "the engine closed the stream before the answer was complete"
-        engine_failed = True
+        if service.ending.is_set():
+            shutting_down = True
+            reason = "the router is shutting down and its shutdown_grace ran out before the answer was complete"
+        else:
+            reason = "the engine closed the stream before the answer was complete"
+            engine_failed = True
     except httpx.HTTPError as exc:
         reason = f"the engine connection failed mid-answer: {_describe(exc)}"
         engine_failed = True
@@ -541,11 +548,15 @@ async def _relay(
         await upstream.aclose()
         _log_stream(plan, relay)
         # Neither finished nor failed: the client went away mid-answer.
-        outcome = "error" if relay.saw_error or engine_failed else "ok" if relay.saw_finish else "cancelled"
+        failed = relay.saw_error or engine_failed or shutting_down
+        outcome = "error" if failed else "ok" if relay.saw_finish else "cancelled"
         first_text_at = relay.meter.first_text_at
         first_token = None if first_text_at is None else first_text_at - plan.received_at
         service.metrics.answer(plan.target_id, outcome, first_token, relay.meter.result())
     log.warning("model %s: %s", plan.model_id, reason)
+    if shutting_down:
+        yield _stream_error(errors.service_unavailable(f"model {plan.model_id!r}: {reason}", code="shutting_down"))
+        return
     service.switcher.report_engine_failure(plan.target_id)
     yield relay.flush_held() + _stream_error(
         errors.bad_gateway(f"model {plan.model_id!r}: {reason}", code="engine_failed")

@@ -54,6 +54,8 @@ class StreamRelay:
         self.now = 0.0
         self.held: list[dict[str, Any]] = []
         self.saw_tool_calls = False
+        self.dropped = 0
+        """Events dropped because they were not OpenAI chunks (malformed SSE from the engine)."""
         self.saw_finish = False
         self.saw_error = False
         self.finished = False
@@ -71,6 +73,8 @@ class StreamRelay:
         if not self.saw_tool_calls and self.footer and carries_tool_calls(raw):
             self.saw_tool_calls = True
         if not needs_inspection(raw):
+            if not _looks_like_chunk(raw):
+                return self._malformed(raw)
             self.meter.observe_event(raw, now)
             if not self.factory.adopted and event.data:
                 self._adopt(event.data, raw)
@@ -86,17 +90,19 @@ class StreamRelay:
             return self.flush_held() + raw
         data = event.data
         if data is None:
-            return raw
+            return self._malformed(raw)
         try:
             chunk = json.loads(data)
         except ValueError:
-            return raw
+            return self._malformed(raw)
         if not isinstance(chunk, dict):
-            return raw
+            return self._malformed(raw)
         if ("error" in chunk or chunk.get("object") == "error") and not chunk.get("choices"):
             self.saw_error = True
             envelope = errors.normalise_engine_error(500, data.encode())
             return self.flush_held() + encode_json_event(envelope)
+        if not isinstance(chunk.get("choices"), list):
+            return self._malformed(raw)
         self.meter.observe_event(raw, now)
         self.meter.observe_chunk(chunk)
         if not self.factory.adopted:
@@ -121,6 +127,17 @@ class StreamRelay:
             self.held.append(chunk)
             return self.flush_held()
         return self._client_view(chunk, raw)
+
+    def _malformed(self, raw: bytes) -> bytes:
+        """An event that is not an OpenAI chunk: forward comments (pings), drop everything else.
+
+        Clients parse every `data:` line as JSON (Open-WebUI, the openai package): a garbled line would break them.
+        The answer goes on with the engine's next good event; the count is logged at the end of the stream.
+        """
+        if raw.startswith(b":"):
+            return raw
+        self.dropped += 1
+        return b""
 
     def _adopt(self, data: str, raw: bytes) -> None:
         try:
@@ -169,6 +186,14 @@ class StreamRelay:
             out += self._client_view(chunk, encode_json_event(chunk))
         self.held = []
         return out
+
+
+def _looks_like_chunk(raw: bytes) -> bool:
+    """A cheap shape test for the events forwarded unparsed: one `data:` line holding a JSON object with a
+    `choices` list. Two prefix/suffix tests and one scan: the bulk of a stream passes them in well under a µs."""
+    if not (raw.startswith(b"data: {") or raw.startswith(b"data:{")) or not raw.rstrip().endswith(b"}"):
+        return False
+    return b'"choices":[' in raw or b'"choices": [' in raw
 
 
 def _engine_figures(chunk: Mapping[str, Any]) -> bool:

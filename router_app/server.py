@@ -30,6 +30,7 @@ from router_app.service import RouterService
 
 log = logging.getLogger("llm_router")
 
+SHUTDOWN_MARGIN = 2.0
 KEEP_ALIVE_TIMEOUT = 75.0
 """Seconds an idle client connection stays open (hypercorn's default is 5 s). Clients must close an idle connection
 before the server does: with equal timeouts (httpx's pool expires idle connections at 5 s too) a request sent on a
@@ -42,7 +43,9 @@ def hypercorn_config(config: RouterConfig) -> HypercornConfig:
     hc.bind = [f"{config.listen_host}:{config.listen_port}"]
     # In-process, one worker: one switcher owns engine state, and SIGTERM reaches our own loop (notes/streaming.md).
     hc.workers = 0
-    hc.graceful_timeout = config.shutdown_grace
+    # Streams still running when shutdown_grace ends get an error event (service.ending); hypercorn waits a little
+    # longer than the grace so that event reaches them.
+    hc.graceful_timeout = config.shutdown_grace + SHUTDOWN_MARGIN
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     # Streams may run for many minutes: no read timeout (it would also cut responses that are still streaming).
@@ -136,8 +139,14 @@ async def _serve(config_dir: Path, config: RouterConfig) -> None:
     app = create_app(service)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def begin_shutdown() -> None:
+        if not stop.is_set():
+            stop.set()
+            loop.call_later(config.shutdown_grace, service.ending.set)
+
+    loop.add_signal_handler(signal.SIGTERM, begin_shutdown)
+    loop.add_signal_handler(signal.SIGINT, begin_shutdown)
     loop.add_signal_handler(signal.SIGHUP, service.reload)
     log.info(
         "llm-router listening on %s:%d with %d model(s)", config.listen_host, config.listen_port, len(config.models)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -32,6 +33,8 @@ class RouterService:
         self.services = Systemctl(config.systemctl, config.journalctl)
         self.switcher = Switcher(config, self.services, HttpEngineProbe(self.client))
         self.metrics = RouterMetrics(self.switcher)
+        self.ending = asyncio.Event()
+        """Set when the shutdown grace runs out: streams still running end with an error event, not a cut."""
         self.started = int(time.time())
 
     def models_listing(self) -> dict[str, Any]:

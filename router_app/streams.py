@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -44,19 +45,25 @@ async def open_upstream(
                 raise
 
 
-async def ticks(source: AsyncIterator[bytes], interval: float) -> AsyncGenerator[bytes | None, None]:
-    """Yield the source's items, and None after every `interval` seconds of silence.
+async def ticks(
+    source: AsyncIterator[bytes], interval: float, stop: asyncio.Event | None = None
+) -> AsyncGenerator[bytes | None, None]:
+    """Yield the source's items, and None after every `interval` seconds of silence; end early once `stop` is set.
 
     One long-lived `__anext__` task is polled with `asyncio.wait`: a timeout never cancels the read in flight
     (cancelling an httpcore read would kill the upstream connection). Closing this generator cancels that read.
     """
     iterator = source.__aiter__()
     pending: asyncio.Future[bytes] | None = None
+    stopped: asyncio.Future[Any] | None = None if stop is None else asyncio.ensure_future(stop.wait())
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(iterator.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval)
+            watched: set[asyncio.Future[Any]] = {pending} if stopped is None else {pending, stopped}
+            done, _ = await asyncio.wait(watched, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+            if stopped is not None and stopped in done:
+                return
             if not done:
                 yield None
                 continue
@@ -67,6 +74,8 @@ async def ticks(source: AsyncIterator[bytes], interval: float) -> AsyncGenerator
                 return
             yield item
     finally:
+        if stopped is not None:
+            stopped.cancel()
         if pending is not None:
             pending.cancel()
             with contextlib.suppress(BaseException):

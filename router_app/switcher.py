@@ -382,7 +382,7 @@ class Switcher:
             return
         try:
             state = (await self.services.states([slot.unit]))[slot.unit]
-        except UnitError as exc:
+        except (UnitError, OSError) as exc:
             log.warning("cannot read the state of %s: %s", slot.unit, exc)
             return
         if (
@@ -710,7 +710,7 @@ class Switcher:
         try:
             if reset_first and not adopt:
                 # The last load failed and left the unit failed (for the operator to see): reset it first.
-                with contextlib.suppress(UnitError):
+                with contextlib.suppress(UnitError, OSError):
                     await self.services.stop(model.unit)
             if not adopt:
                 await self._wait_port_closed(model, engine, "before starting it")
@@ -718,7 +718,7 @@ class Switcher:
                 self._check_unloaded(slot)
                 try:
                     await self.services.start(model.unit)
-                except UnitError as exc:
+                except (UnitError, OSError) as exc:
                     raise SwitchFailed(model.id, str(exc), await self.services.last_log_lines(model.unit)) from exc
             self._check_unloaded(slot)
             self._set_phase(slot, Phase.LOADING)
@@ -753,7 +753,7 @@ class Switcher:
 
     async def _abandon_load(self, slot: _Slot) -> None:
         """Unloaded while loading or waking: the unit must not go on loading in the background."""
-        with contextlib.suppress(UnitError):
+        with contextlib.suppress(UnitError, OSError):
             await self.services.stop(slot.unit)
         self._drop(slot)
         self._emit(ModelEvent(slot.model.id, ModelStatus.UNLOADED, unload_reason=UnloadReason.REQUEST))
@@ -768,7 +768,7 @@ class Switcher:
         self.last_error[model.id] = failure.reason
         # A unit that is still up (load timeout, failed warm-up) must not go on holding the GPU; one that exited
         # stays failed for the operator to see, and is reset before the next start.
-        with contextlib.suppress(UnitError):
+        with contextlib.suppress(UnitError, OSError):
             state = (await self.services.states([model.unit]))[model.unit]
             if state in ("active", "activating", "reloading"):
                 await self.services.stop(model.unit)
@@ -800,7 +800,7 @@ class Switcher:
         log.info("stopping %s (%s)", slot.unit, reason.value)
         try:
             await self.services.stop(slot.unit)
-        except UnitError as exc:
+        except (UnitError, OSError) as exc:
             # The unit may still run: keep it as loaded, and fail the requests that waited for its room.
             log.error("could not stop %s: %s", slot.unit, exc)
             slot.state = slot.stopped_from
@@ -878,7 +878,7 @@ class Switcher:
             log.warning("model %s: %s", model.id, reason)
             self.last_error[model.id] = reason
             self._emit(ModelEvent(model.id, ModelStatus.LOADING, wake_failed=True))
-            with contextlib.suppress(UnitError):
+            with contextlib.suppress(UnitError, OSError):
                 await self.services.stop(model.unit)
             with contextlib.suppress(SwitchFailed):
                 await self._wait_port_closed(model, slot.engine, f"after stopping {model.unit}")

@@ -341,3 +341,30 @@ async def test_reload_removing_a_model_fails_its_waiters(parts):
         await lease_of(ticket)
     running.release()
     assert "b" not in switcher.status
+
+
+class StopTimesOut(FakeSystemd):
+    """`systemctl stop` that cannot even be run: create_subprocess_exec raises EMFILE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop_timeouts = 1
+
+    async def stop(self, unit: str) -> None:
+        if self.stop_timeouts:
+            self.stop_timeouts -= 1
+            self.calls.append(f"stop {unit} (EMFILE)")
+            raise OSError(24, "Too many open files")
+        await super().stop(unit)
+
+
+async def test_a_stop_that_raises_oserror_fails_the_waiters_instead_of_wedging_the_switcher() -> None:
+    clock = FakeClock()
+    systemd = StopTimesOut()
+    switcher = Switcher(make_config(), systemd, FakeProbe(systemd), clock=clock, sleep=clock.sleep)
+    (await lease_of(switcher.request("a"))).release()
+    ticket = switcher.request("b")  # needs a's unit stopped: that stop fails with OSError
+    with pytest.raises(SwitchFailed):
+        await asyncio.wait_for(lease_of(ticket), 2)
+    lease = await asyncio.wait_for(lease_of(switcher.request("b")), 2)  # the very next request works
+    lease.release()
