@@ -11,6 +11,7 @@ Ports 18310-18319: the router on 18310, the fake engines on 18311-18314 (llama-s
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -218,6 +219,69 @@ def test_port_held_by_a_foreign_process_fails_the_load_naming_the_port_and_the_n
         foreign.close()
     works(router, "llama-a")
     assert len(router.events("llama-a", "start")) == 1
+
+
+def raw_stream(router: RouterEnv, model: str, text: str) -> tuple[int, bytes]:
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": text}]}
+    with (
+        httpx.Client(base_url=router.base, timeout=30) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        return response.status_code, response.read()
+
+
+def test_engine_sending_malformed_sse_never_reaches_the_client_as_garbage(make_router: Factory) -> None:
+    router = make_router()
+    for model in ("llama-a", "sg"):
+        works(router, model)
+        status, raw = raw_stream(router, model, "[[tokens:5]] [[malformed-sse]]")
+        assert status == 200
+        blocks = [b for b in raw.replace(b"\r\n", b"\n").split(b"\n\n") if b.strip()]
+        events = []
+        for block in blocks:
+            if block.startswith(b":"):
+                continue
+            assert block.startswith(b"data: ") and b"\n" not in block, f"{model}: not one data line: {block!r}"
+            payload = block[6:]
+            if payload == b"[DONE]":
+                events.append("[DONE]")
+                continue
+            try:
+                parsed = json.loads(payload)
+            except ValueError:
+                raise AssertionError(f"{model}: the client got a data line that is not JSON: {block!r}") from None
+            assert isinstance(parsed, dict), block
+            events.append(parsed)
+        assert events[-1] == "[DONE]"
+        errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+        text = "".join(
+            (c.get("delta") or {}).get("content") or ""
+            for e in events
+            if isinstance(e, dict)
+            for c in e.get("choices", [])
+        )
+        # Either the garbage is dropped and the answer is whole, or the stream ends with an error naming the cause.
+        whole = not errors and text.startswith("tok1 tok2 tok3 tok4 tok5")
+        named = len(errors) == 1 and model in errors[0]["message"] and "malformed" in errors[0]["message"]
+        assert whole or named, (model, errors, text)
+        works(router, model)
+
+
+def test_answer_longer_than_the_shutdown_grace_ends_with_an_error_event_not_a_dropped_connection(
+    make_router: Factory,
+) -> None:
+    router = make_router(shutdown_grace=1)
+    works(router, "sg")
+    thread, results = in_thread(lambda: raw_stream(router, "sg", "[[tokens:60]] [[delay:0.1]]"))
+    time.sleep(0.8)
+    assert router.process is not None
+    router.process.send_signal(signal.SIGTERM)
+    thread.join(15)
+    (result,) = results
+    assert not isinstance(result, Exception), f"the connection was dropped: {result!r}"
+    _status, raw = result
+    assert raw.rstrip().endswith(b"data: [DONE]"), raw[-300:]
+    assert b'"error"' in raw and b"shut" in raw, raw[-300:]
 
 
 # ----- systemd and polkit faults -------------------------------------------------------------------------------------
