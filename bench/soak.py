@@ -23,7 +23,7 @@ loaded one after warm-up), quiet descriptor counts equal within --fd-tolerance (
 CLOSE-WAIT under load without an upward trend (median of the last six samples <= median of the first six +
 tolerance), 0 errors. Prints a table and a verdict; exits 1 on fail.
 
-    .venv/bin/python bench/soak.py [--minutes 10] [--clients 6] [--interval 10] [--base-port 18330]
+    .venv/bin/python bench/soak.py [--minutes 10] [--clients 6] [--interval 10] [--base-port 18370]
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def main() -> int:
     parser.add_argument(
         "--quiet-wait", type=float, default=80, help="seconds idle before a quiet sample (> the router's keep-alive)"
     )
-    parser.add_argument("--base-port", type=int, default=18330, help="router port; engines use the next five")
+    parser.add_argument("--base-port", type=int, default=18370, help="router port; engines use the next five")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--source", type=Path, help="run the router_app found in this directory (e.g. a `git archive` of a commit)"

@@ -31,11 +31,13 @@ from router_app.service import RouterService
 log = logging.getLogger("llm_router")
 
 SHUTDOWN_MARGIN = 2.0
-KEEP_ALIVE_TIMEOUT = 75.0
+KEEP_ALIVE_TIMEOUT = 20.0
 """Seconds an idle client connection stays open (hypercorn's default is 5 s). Clients must close an idle connection
 before the server does: with equal timeouts (httpx's pool expires idle connections at 5 s too) a request sent on a
 reused connection just as the server closes it gets no answer at all ("Server disconnected without sending a
-response"). 75 s is above the idle expiry of httpx (5 s), aiohttp (15 s, Open-WebUI) and Node (5 s)."""
+response"). 20 s is above the idle expiry of httpx (5 s), aiohttp (15 s, Open-WebUI) and Node (5 s), and short
+enough that connections a client closed (hypercorn notices only at this timeout: CLOSE-WAIT) cost little; the
+unit raises LimitNOFILE for busy hosts."""
 
 
 def hypercorn_config(config: RouterConfig) -> HypercornConfig:

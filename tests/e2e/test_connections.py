@@ -112,7 +112,7 @@ def _raw_request(sock: socket.socket, path: str) -> bytes:
 
 def test_idle_keepalive_connection_is_still_answered(tmp_path: Path) -> None:
     """hypercorn's default keep-alive timeout (5 s) equals httpx's pool expiry (5 s): a client reusing a connection
-    after ~5 s idle raced the server closing it and got no answer. The router keeps idle connections for 75 s, so
+    after ~5 s idle raced the server closing it and got no answer. The router keeps idle connections for 20 s, so
     clients (which expire theirs sooner) always close first. Regression: reuse after 6 s idle."""
     env = make_env(tmp_path)
     env.start()
