@@ -69,16 +69,16 @@ def waiting_line(running: int, active_model: str, elapsed: float | None = None) 
 
 def loading_line(model: str, elapsed: float, timeout: float, expected: float | None = None) -> str:
     """Progress while the engine loads; `expected` is the estimate from this model's previous load times."""
-    line = f"{WAIT_MARK} Loading {_one_line(model)}: {format_seconds(elapsed)} s elapsed"
-    line += f", timeout {format_seconds(timeout)} s"
-    if expected is not None:
-        line += f", ~{format_seconds(expected)} s expected"
-    return line + "\n"
+    return _progress_line("Loading", model, elapsed, timeout, expected)
 
 
 def waking_line(model: str, elapsed: float, timeout: float, expected: float | None = None) -> str:
     """Progress while a sleeping engine (vLLM sleep mode) wakes up; `expected` from this model's previous wakes."""
-    line = f"{WAIT_MARK} Waking {_one_line(model)}: {format_seconds(elapsed)} s elapsed"
+    return _progress_line("Waking", model, elapsed, timeout, expected)
+
+
+def _progress_line(verb: str, model: str, elapsed: float, timeout: float, expected: float | None) -> str:
+    line = f"{WAIT_MARK} {verb} {_one_line(model)}: {format_seconds(elapsed)} s elapsed"
     line += f", timeout {format_seconds(timeout)} s"
     if expected is not None:
         line += f", ~{format_seconds(expected)} s expected"

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,17 @@ DEFAULT_MODELS = [
     ModelSpec("broken", "llamacpp", env={"FAKE_FAIL_LOAD": "1", "FAKE_FAIL_AFTER": "0.2"}),
     ModelSpec("sleepy", "llamacpp", env={"FAKE_LOAD_SECONDS": "600"}, load_timeout=2),
 ]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `predicate` every 50 ms until it returns something truthy (returned); fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def unit_of(model_id: str) -> str:

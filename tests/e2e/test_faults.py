@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import ModelSpec, RouterEnv, StreamResult, unit_of
+from tests.e2e.conftest import ModelSpec, RouterEnv, StreamResult, unit_of, wait_until
 
 BASE_PORT = 18310
 LLAMA_PORT = BASE_PORT + 1
@@ -79,16 +79,6 @@ def works(router: RouterEnv, model: str, tokens: int = 3) -> None:
 def statuses(router: RouterEnv) -> dict[str, str]:
     with router.client() as client:
         return {m["id"]: m["status"]["value"] for m in client.get("/v1/models").json()["data"]}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:

@@ -9,24 +9,13 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-from tests.e2e.conftest import ModelSpec, RouterEnv, StreamResult
+from tests.e2e.conftest import ModelSpec, RouterEnv, StreamResult, wait_until
 
 EMBED_PORT = 18216
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def statuses(router: RouterEnv) -> dict[str, Any]:
