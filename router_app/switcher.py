@@ -286,10 +286,7 @@ class Switcher:
     async def unload(self, model_id: str) -> None:
         """Stop a model's unit once its answers in flight have finished; a load under way is cancelled and its
         waiters fail. Returns when the unit is stopped (at once when it was not running)."""
-        for ticket in [t for t in self.waiters if t.model.id == model_id]:
-            self.waiters.remove(ticket)
-            if not ticket.future.done():
-                ticket.future.set_exception(SwitchFailed(model_id, "the model was unloaded (POST /models/unload)"))
+        self._fail_waiters(model_id, SwitchFailed(model_id, "the model was unloaded (POST /models/unload)"))
         slot = self.slots.get(model_id)
         if slot is None:
             return
@@ -454,13 +451,10 @@ class Switcher:
             model = config.models.get(slot.model.id)
             if model is not None and model.unit == slot.unit:
                 slot.model = model
-        for ticket in list(self.waiters):
-            if ticket.model.id not in config.models:
-                self.waiters.remove(ticket)
-                if not ticket.future.done():
-                    ticket.future.set_exception(SwitchFailed(ticket.model.id, "the model was removed from models.yml"))
-            else:
-                ticket.model = config.models[ticket.model.id]
+        for model_id in {t.model.id for t in self.waiters} - set(config.models):
+            self._fail_waiters(model_id, SwitchFailed(model_id, "the model was removed from models.yml"))
+        for ticket in self.waiters:
+            ticket.model = config.models[ticket.model.id]
         self._schedule()
 
     # ----- start-up and shutdown -----------------------------------------------------------------------------
@@ -773,12 +767,16 @@ class Switcher:
             if state in ("active", "activating", "reloading"):
                 await self.services.stop(model.unit)
         self._drop(slot)
-        for ticket in [t for t in self.waiters if t.model.id == model.id]:
+        self._fail_waiters(model.id, failure)
+        self._emit(ModelEvent(model.id, ModelStatus.FAILED, load_failed=True))
+        self._schedule()
+
+    def _fail_waiters(self, model_id: str, failure: SwitchFailed) -> None:
+        """Every request waiting for `model_id` leaves the queue with `failure`."""
+        for ticket in [t for t in self.waiters if t.model.id == model_id]:
             self.waiters.remove(ticket)
             if not ticket.future.done():
                 ticket.future.set_exception(failure)
-        self._emit(ModelEvent(model.id, ModelStatus.FAILED, load_failed=True))
-        self._schedule()
 
     def _drop(self, slot: _Slot) -> None:
         if self.slots.get(slot.model.id) is slot:
@@ -806,13 +804,10 @@ class Switcher:
             slot.state = slot.stopped_from
             slot.task = None
             slot.unload_requested = False
-            blocked = self._groups()
-            for model, tickets in blocked[:1]:
-                failure = SwitchFailed(model.id, f"could not stop the running engine {slot.unit}: {exc}")
-                for ticket in tickets:
-                    self.waiters.remove(ticket)
-                    if not ticket.future.done():
-                        ticket.future.set_exception(failure)
+            for model, _ in self._groups()[:1]:
+                self._fail_waiters(
+                    model.id, SwitchFailed(model.id, f"could not stop the running engine {slot.unit}: {exc}")
+                )
             slot.stopped.set()
             slot.stopped = asyncio.Event()
             self._schedule()
