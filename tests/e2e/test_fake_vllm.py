@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import wait_until
+
 pytestmark = pytest.mark.e2e
 
 FAKE_ENGINES_DIR = Path(__file__).resolve().parents[2] / "files" / "fake_engines"
@@ -38,17 +40,6 @@ def free_port() -> int:
                 continue
         return port
     raise RuntimeError("no free port left in 18260-18269")
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 def request(

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import httpx
 from playwright.sync_api import Locator, Page, expect
 
-from tests.e2e.conftest import RouterEnv, unit_of
+from tests.e2e.conftest import RouterEnv, unit_of, wait_until
 from tests.openwebui.harness import (
     FOOTER_RE,
     ROUTER_MARKS,
@@ -50,13 +50,8 @@ def stream_requests_with(env: RouterEnv, model_id: str, marker: str) -> list[dic
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    # Page and HTTP checks: every 0.2 s is often enough.
+    return wait_until(predicate, timeout, what, interval=0.2)
 
 
 def expand(block: Any) -> None:
