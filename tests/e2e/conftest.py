@@ -53,15 +53,18 @@ DEFAULT_MODELS = [
 ]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `predicate` every 50 ms until it returns something truthy (returned); fail after `timeout` s."""
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 5.0, what: str = "the condition", interval: float = 0.02
+) -> Any:
+    """Poll `predicate` every `interval` s until it returns something truthy (returned); fail after `timeout` s."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         value = predicate()
         if value:
             return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
 
 
 def unit_of(model_id: str) -> str:
@@ -251,8 +254,10 @@ def port_free(port: int) -> bool:
 def router_factory(tmp_path: Path) -> Iterator[Any]:
     envs: list[RouterEnv] = []
 
-    def make(models: list[ModelSpec] | None = None, start: bool = True, **config_extra: Any) -> RouterEnv:
-        env = RouterEnv(tmp_path / f"r{len(envs)}", models or DEFAULT_MODELS, config_extra)
+    def make(
+        models: list[ModelSpec] | None = None, start: bool = True, base_port: int = ROUTER_PORT, **config_extra: Any
+    ) -> RouterEnv:
+        env = RouterEnv(tmp_path / f"r{len(envs)}", models or DEFAULT_MODELS, config_extra, base_port=base_port)
         envs.append(env)
         if start:
             env.start()

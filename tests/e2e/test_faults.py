@@ -16,8 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -38,8 +37,8 @@ Factory = Callable[..., RouterEnv]
 
 
 @pytest.fixture
-def make_router(tmp_path: Path) -> Iterator[Factory]:
-    envs: list[RouterEnv] = []
+def make_router(router_factory: Factory) -> Factory:
+    """tests/e2e's router_factory on this file's ports and models, with per-unit stop timeouts."""
 
     def make(
         models: list[ModelSpec] | None = None,
@@ -47,8 +46,7 @@ def make_router(tmp_path: Path) -> Iterator[Factory]:
         stop_timeouts: dict[str, float] | None = None,
         **config_extra: Any,
     ) -> RouterEnv:
-        env = RouterEnv(tmp_path / f"r{len(envs)}", models or MODELS, config_extra, base_port=BASE_PORT)
-        envs.append(env)
+        env = router_factory(models or MODELS, start=False, base_port=BASE_PORT, **config_extra)
         for model_id, seconds in (stop_timeouts or {}).items():  # the unit's TimeoutStopSec
             unit = env.systemd.state_dir / "units" / f"{unit_of(model_id)}.json"
             unit.write_text(unit.read_text().replace('"stop_timeout": 5', f'"stop_timeout": {seconds}'))
@@ -56,9 +54,7 @@ def make_router(tmp_path: Path) -> Iterator[Factory]:
             env.start()
         return env
 
-    yield make
-    for env in envs:
-        env.stop()
+    return make
 
 
 def chat(router: RouterEnv, model: str, text: str = "[[tokens:2]]") -> httpx.Response:

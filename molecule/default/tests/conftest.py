@@ -28,8 +28,9 @@ ROUTER_USER = "llm-router"
 CONFIG_DIR = "/etc/llm-router"
 
 
-def load_inventory() -> dict[str, Any]:
-    with INVENTORY_FILE.open(encoding="utf-8") as fh:
+def load_inventory(path: Path = INVENTORY_FILE) -> dict[str, Any]:
+    """A scenario's group_vars (the lifecycle scenario reads its own with this too)."""
+    with path.open(encoding="utf-8") as fh:
         data = yaml.safe_load(fh)
     assert isinstance(data, dict)
     return data

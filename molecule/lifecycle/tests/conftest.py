@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent
 INVENTORY_FILE = SCENARIO_DIR / "group_vars" / "llm_routers.yml"
@@ -45,14 +44,7 @@ main_pid = helpers.main_pid
 run_as_router_user = helpers.run_as_router_user
 
 
-def load_inventory() -> dict[str, Any]:
-    with INVENTORY_FILE.open(encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    assert isinstance(data, dict)
-    return data
-
-
-INVENTORY = load_inventory()
+INVENTORY: dict[str, Any] = helpers.load_inventory(INVENTORY_FILE)
 MODELS: list[dict[str, Any]] = INVENTORY["llm_router_models"]
 MODEL_IDS = [m["id"] for m in MODELS]
 BY_ID = {m["id"]: m for m in MODELS}
