@@ -6,6 +6,7 @@ Two kinds of text exist, both built only here:
 
       🔀 Switching to Llama 3.3 70B
       ⏳ Waiting for 1 running answer on qwen-32b to finish, 4.0 s elapsed
+      (or ⏳ Stopping X / ⏳ Waiting for X to finish loading / ⏳ Queued to load X, with the time elapsed)
       ⏳ Loading Llama 3.3 70B: 12 s elapsed, timeout 600 s, ~45 s expected   (or ⏳ Waking ...: a vLLM engine asleep)
       ✅ Llama 3.3 70B ready in 47 s
       <blank line, then the model's own text>
@@ -67,6 +68,21 @@ def waiting_line(running: int, active_model: str, elapsed: float | None = None) 
     return line + "\n"
 
 
+def loading_elsewhere_line(other_model: str, elapsed: float) -> str:
+    """The switch waits behind requests for another model whose engine is loading now (they came first)."""
+    return f"{WAIT_MARK} Waiting for {_one_line(other_model)} to finish loading, {format_seconds(elapsed)} s elapsed\n"
+
+
+def stopping_line(model: str, elapsed: float) -> str:
+    """An engine is being stopped (to make room, or to reload with new settings) before this one can start."""
+    return f"{WAIT_MARK} Stopping {_one_line(model)}, {format_seconds(elapsed)} s elapsed\n"
+
+
+def queued_line(model: str, elapsed: float) -> str:
+    """The load waits for its turn: other requests came first and nothing runs for them yet."""
+    return f"{WAIT_MARK} Queued to load {_one_line(model)}, {format_seconds(elapsed)} s elapsed\n"
+
+
 def loading_line(model: str, elapsed: float, timeout: float, expected: float | None = None) -> str:
     """Progress while the engine loads; `expected` is the estimate from this model's previous load times."""
     return _progress_line("Loading", model, elapsed, timeout, expected)
@@ -107,6 +123,8 @@ _TEXT = r"[^\r\n]+"
 _PROGRESS_LINE = (
     rf"(?:{SWITCH_MARK} Switching to {_TEXT}"
     rf"|{WAIT_MARK} Waiting for \d+ running answers? on {_TEXT} to finish(?:, {_NUM} s elapsed)?"
+    rf"|{WAIT_MARK} Waiting for {_TEXT} to finish loading, {_NUM} s elapsed"
+    rf"|{WAIT_MARK} (?:Stopping|Queued to load) {_TEXT}, {_NUM} s elapsed"
     rf"|{WAIT_MARK} (?:Loading|Waking) {_TEXT}: {_NUM} s elapsed, timeout {_NUM} s(?:, ~{_NUM} s expected)?)"
 )
 _FINAL_LINE = rf"(?:{READY_MARK} {_TEXT} ready in {_NUM} s|{FAILED_MARK} Loading {_TEXT} failed: {_TEXT})"

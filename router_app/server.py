@@ -45,7 +45,7 @@ def hypercorn_config(config: RouterConfig) -> HypercornConfig:
     hc.bind = [f"{config.listen_host}:{config.listen_port}"]
     # In-process, one worker: one switcher owns engine state, and SIGTERM reaches our own loop (notes/streaming.md).
     hc.workers = 0
-    # Streams still running when shutdown_grace ends get an error event (service.ending); hypercorn waits a little
+    # Streams still running when shutdown_grace ends get an error event (service.end_streams); hypercorn waits a little
     # longer than the grace so that event reaches them.
     hc.graceful_timeout = config.shutdown_grace + SHUTDOWN_MARGIN
     hc.accesslog = None
@@ -145,7 +145,7 @@ async def _serve(config_dir: Path, config: RouterConfig) -> None:
     def begin_shutdown() -> None:
         if not stop.is_set():
             stop.set()
-            loop.call_later(config.shutdown_grace, service.ending.set)
+            loop.call_later(config.shutdown_grace, service.end_streams)
 
     loop.add_signal_handler(signal.SIGTERM, begin_shutdown)
     loop.add_signal_handler(signal.SIGINT, begin_shutdown)

@@ -16,25 +16,29 @@ from router_app.engines import HttpEngineProbe
 from router_app.metrics import RouterMetrics
 from router_app.switcher import ModelStatus, Switcher
 from router_app.units import Systemctl
+from router_app.upstream import EngineReply, ShuttingDown, Upstream
 
 log = logging.getLogger("llm_router")
 
-# Model traffic: no read timeout (prefill and long answers), a bounded connect; keep-alive shorter than
-# llama-server's own ~5 s so we never reuse a socket the engine is closing (notes/streaming.md).
-UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
-UPSTREAM_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=32, keepalive_expiry=3.0)
+# Engine probes, warm-up, sleep and wake (each call sets its own timeouts); keep-alive shorter than llama-server's
+# own ~5 s so we never reuse a socket the engine is closing (notes/streaming.md). Model traffic: `upstream`.
+PROBE_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
+PROBE_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=8, keepalive_expiry=3.0)
 
 
 class RouterService:
     def __init__(self, config: RouterConfig, config_dir: Path | None = None) -> None:
         self.config = config
         self.config_dir = config_dir
-        self.client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=UPSTREAM_LIMITS, trust_env=False)
+        self.client = httpx.AsyncClient(timeout=PROBE_TIMEOUT, limits=PROBE_LIMITS, trust_env=False)
+        self.upstream = Upstream()
+        self.streams: set[EngineReply] = set()
+        """Engine answers being relayed now: the end of the shutdown grace interrupts them."""
         self.services = Systemctl(config.systemctl, config.journalctl)
         self.switcher = Switcher(config, self.services, HttpEngineProbe(self.client))
         self.metrics = RouterMetrics(self.switcher)
         self.ending = asyncio.Event()
-        """Set when the shutdown grace runs out: streams still running end with an error event, not a cut."""
+        """Set when the shutdown grace runs out (`end_streams`)."""
         self.started = int(time.time())
 
     def models_listing(self) -> dict[str, Any]:
@@ -75,9 +79,16 @@ class RouterService:
         except Exception as exc:  # the router must come up even when systemd cannot be asked
             log.error("could not ask systemd which engine runs: %s", exc)
 
+    def end_streams(self) -> None:
+        """The shutdown grace ran out: streams still running end with an error event, not a cut."""
+        self.ending.set()
+        for reply in list(self.streams):
+            reply.abort(ShuttingDown())
+
     async def shutdown(self) -> None:
         await self.switcher.close()
         await self.client.aclose()
+        await self.upstream.close()
 
     def reload(self) -> None:
         """SIGHUP: re-read both files; a config that fails validation is refused and the old one kept."""

@@ -145,6 +145,8 @@ class WaitInfo:
     phase: Phase
     target: str
     active: str | None
+    """The model the wait is about: draining, stopping (the target itself when its own engine stops) or loading
+    ahead of the target (QUEUED); None when queued and nothing moves yet."""
     in_flight: int
     load_started: float | None
     timeout: float
@@ -318,7 +320,7 @@ class Switcher:
         if slot is not None and slot.state is SlotState.LOADING:
             phase, started = slot.phase, slot.started
         elif slot is not None and slot.state is SlotState.STOPPING:
-            phase = Phase.STOPPING
+            phase, active = Phase.STOPPING, target.id
         else:
             evicting = [s for s in self.slots.values() if s.evicting or s.state is SlotState.STOPPING]
             loading = [s for s in self.slots.values() if s.state is SlotState.LOADING]
@@ -332,7 +334,7 @@ class Switcher:
             elif loading:
                 phase, active = Phase.QUEUED, loading[0].model.id
             else:
-                phase = Phase.QUEUED
+                phase, active = Phase.QUEUED, None
         return WaitInfo(
             phase=phase,
             target=target.id,

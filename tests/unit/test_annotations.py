@@ -9,10 +9,13 @@ import pytest
 from router_app.annotations import (
     failed_line,
     format_seconds,
+    loading_elsewhere_line,
     loading_line,
     may_contain_annotations,
+    queued_line,
     ready_line,
     speed_footer,
+    stopping_line,
     strip_annotations,
     switching_line,
     waiting_line,
@@ -32,6 +35,12 @@ def test_waiting_line_singular_plural_and_elapsed() -> None:
 def test_loading_line_with_and_without_estimate() -> None:
     assert loading_line("L", 2, 180) == "⏳ Loading L: 2.0 s elapsed, timeout 180 s\n"
     assert loading_line("L", 12.4, 600, 45.2) == "⏳ Loading L: 12 s elapsed, timeout 600 s, ~45 s expected\n"
+
+
+def test_lines_of_the_other_waiting_phases_name_the_model_and_the_time() -> None:
+    assert loading_elsewhere_line("Qwen", 3.25) == "⏳ Waiting for Qwen to finish loading, 3.2 s elapsed\n"
+    assert stopping_line("Qwen", 12) == "⏳ Stopping Qwen, 12 s elapsed\n"
+    assert queued_line("L", 0.5) == "⏳ Queued to load L, 0.5 s elapsed\n"
 
 
 def test_ready_and_failed_lines_end_their_block_with_a_blank_line() -> None:
@@ -78,6 +87,12 @@ STATUS_BLOCKS = [
     loading_line("joined: m", 30, 180) + ready_line("joined: m", 31),
     ready_line("m (already loading)", 0.2),
     switching_line("Qwen vLLM") + waking_line("Qwen vLLM", 0.1, 180, 0.3) + ready_line("Qwen vLLM", 0.4),
+    switching_line("m")
+    + queued_line("m", 0.1)
+    + loading_elsewhere_line("other, model", 1.5)
+    + stopping_line("other, model", 2.5)
+    + loading_line("m", 0.5, 180)
+    + ready_line("m", 4),
 ]
 
 ORIGINALS = [
