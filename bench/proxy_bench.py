@@ -608,7 +608,12 @@ def top_functions(data: dict[str, Any], n: int) -> list[str]:
     inclusive = [(k, c) for k, c in total.most_common() if c < 0.95 * samples][:n]
     lines += ["", "| total % | own % | function (by total samples, below the event loop) |", "|---|---|---|"]
     lines += [f"| {share(c)} | {share(own[k])} | `{names[k]}` |" for k, c in inclusive]
-    lines += ["", "Own samples by package: " + ", ".join(f"{p} {share(c)} %" for p, c in packages.most_common())]
+    big = [(p, c) for p, c in packages.most_common() if c >= 0.005 * samples]
+    rest = samples - sum(c for _, c in big)
+    lines += [
+        "",
+        "Own samples by package: " + ", ".join(f"{p} {share(c)} %" for p, c in big) + f", rest {share(rest)} %",
+    ]
     return lines
 
 
