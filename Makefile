@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv lint test test-unit test-e2e test-openwebui test-molecule test-real demo demo-down bench clean
+.PHONY: venv lint test test-unit test-e2e test-openwebui test-molecule test-real demo demo-down bench bench-proxy clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ demo-down:
 
 bench: venv
 	$(BIN)/python bench/switch_bench.py
+
+# The request-path benchmark (issue 10): direct vs the router vs LiteLLM's proxy (pinned, its own venv made by
+# scripts/litellm-venv) on a fast fake llama-server; e.g. BENCH_ARGS='--rounds 5 --profile /tmp/prof --out docs/benchmarks.md'.
+bench-proxy: venv
+	PYTHONPATH=. $(BIN)/python bench/proxy_bench.py $(BENCH_ARGS)
 
 # The whole suite, what .ci/run calls: lint, molecule, the demo (with its smoke check), Open-WebUI's venv (a few
 # minutes once, cached), then one pytest run over unit, end-to-end, Open-WebUI and real-engine tests (the

@@ -379,6 +379,18 @@ def direct_switch(client: httpx.Client, target: Target, src: str, dst: str, max_
     }
 
 
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def publish(text: str, out: str | os.PathLike[str] | None) -> None:
+    """Print a bench's markdown result and append it to `out` (e.g. docs/benchmarks.md) when given."""
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write("\n" + text + "\n")
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -396,7 +408,6 @@ def run(args: argparse.Namespace) -> str:
 
 def measure(args: argparse.Namespace, client: httpx.Client, target: Target) -> str:
     a, b = list(target.units)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"target: {target.description}; models {a}, {b}")
     ensure_loaded_via_router(client, target, a)  # start state: A loaded by the router
     rows = []
@@ -537,11 +548,7 @@ def main() -> int:
         p.add_argument("--out", help="append the markdown table to this file")
     args = parser.parse_args()
     args.load_start = Path("/proc/loadavg").read_text().split()[0]
-    table = run(args)
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + table)
+    publish(run(args), args.out)
     return 0
 
 
