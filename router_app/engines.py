@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
-import httpx
+import aiohttp
 
 from router_app.config import BackendConfig
+from router_app.upstream import Upstream
 
-PROBE_TIMEOUT = httpx.Timeout(2.0)
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2.0)
+WARM_UP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=120.0)
 # Moving weights between GPU and host RAM takes seconds for big models: generous, but bounded.
-SLEEP_TIMEOUT = httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=None)
+SLEEP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=300.0)
 
 
 class Readiness(Enum):
@@ -41,22 +44,27 @@ class EngineProbe(Protocol):
 
 
 class HttpEngineProbe:
-    """Readiness rules from each engine's own code (see shared notes, backends.md)."""
+    """Readiness rules from each engine's own code (see shared notes, backends.md). Shares the model traffic's
+    connection pool (`Upstream`)."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self.client = client
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+
+    async def _call(self, method: str, url: str, timeout: aiohttp.ClientTimeout, **kwargs: Any) -> tuple[int, bytes]:
+        async with self.upstream.session().request(method, url, timeout=timeout, **kwargs) as response:
+            return response.status, await response.read()
 
     async def readiness(self, backend: BackendConfig) -> Readiness:
         # TabbyAPI keeps its port closed until the model is loaded; /health there only reports past errors,
         # so the current model card is the proof. llama-server and SGLang answer 503 on /health while loading.
         path = "/v1/model" if backend.kind == "tabbyapi" else "/health"
         try:
-            response = await self.client.get(backend.url + path, timeout=PROBE_TIMEOUT)
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
-            return Readiness.DOWN
-        except httpx.TimeoutException:
+            status, _ = await self._call("GET", backend.url + path, PROBE_TIMEOUT)
+        except TimeoutError:  # before ClientError: aiohttp's timeouts are both
             return Readiness.LOADING
-        return Readiness.READY if response.status_code == 200 else Readiness.LOADING
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            return Readiness.DOWN
+        return Readiness.READY if status == 200 else Readiness.LOADING
 
     async def port_closed(self, backend: BackendConfig) -> bool:
         try:
@@ -74,28 +82,32 @@ class HttpEngineProbe:
 
     async def warm_up(self, backend: BackendConfig, model_id: str) -> None:
         """One real 1-token generation, so the first user request does not pay for lazy initialisation."""
-        response = await self.client.post(
-            backend.url + "/v1/completions",
-            json={"model": model_id, "prompt": "Hello", "max_tokens": 1, "stream": False},
-            timeout=httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=None),
-        )
-        if response.status_code != 200:
-            raise RuntimeError(f"warm-up request answered HTTP {response.status_code}: {response.text[:300]}")
+        body = {"model": model_id, "prompt": "Hello", "max_tokens": 1, "stream": False}
+        status, text = await self._call("POST", backend.url + "/v1/completions", WARM_UP_TIMEOUT, json=body)
+        if status != 200:
+            raise RuntimeError(f"warm-up request answered HTTP {status}: {_excerpt(text)}")
 
     async def sleep(self, backend: BackendConfig, level: int) -> None:
         """Put a vLLM engine to sleep: level 1 offloads the weights to host RAM, level 2 discards them."""
-        response = await self.client.post(f"{backend.url}/sleep", params={"level": level}, timeout=SLEEP_TIMEOUT)
-        if response.status_code != 200:
-            raise RuntimeError(f"POST /sleep?level={level} answered HTTP {response.status_code}: {response.text[:300]}")
+        status, text = await self._call("POST", f"{backend.url}/sleep", SLEEP_TIMEOUT, params={"level": level})
+        if status != 200:
+            raise RuntimeError(f"POST /sleep?level={level} answered HTTP {status}: {_excerpt(text)}")
 
     async def wake_up(self, backend: BackendConfig) -> None:
-        response = await self.client.post(f"{backend.url}/wake_up", timeout=SLEEP_TIMEOUT)
-        if response.status_code != 200:
-            raise RuntimeError(f"POST /wake_up answered HTTP {response.status_code}: {response.text[:300]}")
+        status, text = await self._call("POST", f"{backend.url}/wake_up", SLEEP_TIMEOUT)
+        if status != 200:
+            raise RuntimeError(f"POST /wake_up answered HTTP {status}: {_excerpt(text)}")
 
     async def is_sleeping(self, backend: BackendConfig) -> bool:
-        response = await self.client.get(f"{backend.url}/is_sleeping", timeout=PROBE_TIMEOUT)
-        if response.status_code != 200:
+        status, text = await self._call("GET", f"{backend.url}/is_sleeping", PROBE_TIMEOUT)
+        if status != 200:
             return False  # no sleep mode: never asleep
-        body = response.json()
+        try:
+            body = json.loads(text)
+        except ValueError:
+            return False
         return isinstance(body, dict) and body.get("is_sleeping") is True
+
+
+def _excerpt(body: bytes) -> str:
+    return body[:300].decode("utf-8", errors="replace")

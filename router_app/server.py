@@ -124,8 +124,6 @@ H11Protocol._send_error_response = _send_protocol_error  # type: ignore[method-a
 
 def serve(config_dir: Path) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True)
-    # One line per engine health poll would drown the switch log; the switcher logs what matters.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = load_config(config_dir)
     except ConfigError as exc:

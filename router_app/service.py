@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from router_app.config import ConfigError, RouterConfig, load_config
 from router_app.engines import HttpEngineProbe
 from router_app.metrics import RouterMetrics
@@ -20,22 +18,16 @@ from router_app.upstream import EngineReply, ShuttingDown, Upstream
 
 log = logging.getLogger("llm_router")
 
-# Engine probes, warm-up, sleep and wake (each call sets its own timeouts); keep-alive shorter than llama-server's
-# own ~5 s so we never reuse a socket the engine is closing (notes/streaming.md). Model traffic: `upstream`.
-PROBE_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
-PROBE_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=8, keepalive_expiry=3.0)
-
 
 class RouterService:
     def __init__(self, config: RouterConfig, config_dir: Path | None = None) -> None:
         self.config = config
         self.config_dir = config_dir
-        self.client = httpx.AsyncClient(timeout=PROBE_TIMEOUT, limits=PROBE_LIMITS, trust_env=False)
         self.upstream = Upstream()
         self.streams: set[EngineReply] = set()
         """Engine answers being relayed now: the end of the shutdown grace interrupts them."""
         self.services = Systemctl(config.systemctl, config.journalctl)
-        self.switcher = Switcher(config, self.services, HttpEngineProbe(self.client))
+        self.switcher = Switcher(config, self.services, HttpEngineProbe(self.upstream))
         self.metrics = RouterMetrics(self.switcher)
         self.ending = asyncio.Event()
         """Set when the shutdown grace runs out (`end_streams`)."""
@@ -87,7 +79,6 @@ class RouterService:
 
     async def shutdown(self) -> None:
         await self.switcher.close()
-        await self.client.aclose()
         await self.upstream.close()
 
     def reload(self) -> None:

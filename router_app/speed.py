@@ -145,9 +145,14 @@ class SpeedMeter:
         if tokens is None or tokens < 2 or self._first_text_at is None or self._last_text_at is None:
             return None
         seconds = self._last_text_at - self._first_text_at
-        if seconds <= 0:
+        if seconds > 0:
+            return Speed(tokens, seconds, (tokens - 1) / seconds, USAGE_AND_STREAM_CLOCK)
+        # Every text event arrived in one read (a short answer, or the relay behind a fast engine): the stream's
+        # clock cannot tell them apart, the request's can.
+        if self._sent_at is None or self._last_text_at <= self._sent_at:
             return None
-        return Speed(tokens, seconds, (tokens - 1) / seconds, USAGE_AND_STREAM_CLOCK)
+        seconds = self._last_text_at - self._sent_at
+        return Speed(tokens, seconds, tokens / seconds, USAGE_AND_REQUEST_CLOCK)
 
     def _clock_prompt_rate(self) -> float | None:
         prompt_tokens = _count(self._usage, "prompt_tokens")

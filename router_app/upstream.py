@@ -1,9 +1,9 @@
 """Every call the router makes to an engine for a client: open the request (one retry rule), sort its failures
 into "the engine is gone" and "the engine failed", and relay a streamed answer (the hot loop).
 
-aiohttp on this path: its C parser and buffered StreamReader hand over everything that arrived in one read, which
-is what lets the relay write many engine events at once under load; httpx (engine probes, sleep/wake) costs a
-task-free but much deeper stack per chunk (docs/benchmarks.md, issue 10). No web framework here.
+aiohttp: its C parser and buffered StreamReader hand over everything that arrived in one read, which is what lets
+the relay write many engine events at once under load, at a quarter of httpx's CPU per event (docs/benchmarks.md,
+issue 10). The engine probes (engines.py) share the pool. No web framework here.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Upstream:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
+    def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS),
@@ -111,7 +111,7 @@ class Upstream:
         Sent a second time only when the first try failed before any response byte: a kept-alive connection the
         engine closed just as the request went out (nothing was answered, so nothing is repeated).
         """
-        session = self._client()
+        session = self.session()
         for attempt in (1, 2):
             try:
                 response = await session.post(url, data=body, headers=headers)

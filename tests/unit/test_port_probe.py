@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import socket
 
-import httpx
-
 from router_app.config import BackendConfig
 from router_app.engines import HttpEngineProbe
+from router_app.upstream import Upstream
 
 PORT = 18318
 
@@ -17,8 +16,7 @@ def backend() -> BackendConfig:
 
 
 async def test_nothing_listening_is_closed() -> None:
-    async with httpx.AsyncClient() as client:
-        assert await HttpEngineProbe(client).port_closed(backend()) is True
+    assert await HttpEngineProbe(Upstream()).port_closed(backend()) is True
 
 
 async def test_a_listener_that_never_accepts_holds_the_port_even_when_its_queue_is_full() -> None:
@@ -30,9 +28,8 @@ async def test_a_listener_that_never_accepts_holds_the_port_even_when_its_queue_
     listener.bind(("127.0.0.1", PORT))
     listener.listen(1)
     try:
-        async with httpx.AsyncClient() as client:
-            probe = HttpEngineProbe(client)
-            for _ in range(5):  # fills the queue, then times out
-                assert await probe.port_closed(backend()) is False
+        probe = HttpEngineProbe(Upstream())
+        for _ in range(5):  # fills the queue, then times out
+            assert await probe.port_closed(backend()) is False
     finally:
         listener.close()

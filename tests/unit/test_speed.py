@@ -274,3 +274,24 @@ def test_headers_and_usage_extras() -> None:
 def test_footer_is_removable_from_history() -> None:
     speed = Speed(3, 0.25, 12.0, USAGE_AND_STREAM_CLOCK)
     assert strip_annotations("answer" + speed.footer()) == "answer"
+
+
+def test_text_that_arrived_in_one_read_is_timed_from_the_request() -> None:
+    # The relay hands over everything buffered at once: all text events share one arrival time.
+    meter = SpeedMeter(sent_at=1.0)
+    for text in ("a", "b", "c", "d"):
+        meter.observe_event(token_event(text), 1.5)
+    meter.observe_chunk(json.loads(SGLANG_USAGE.removeprefix(b"data: ")))
+    speed = meter.result()
+    assert speed is not None
+    assert speed.source == USAGE_AND_REQUEST_CLOCK
+    assert speed.seconds == pytest.approx(0.5)
+    assert speed.tokens_per_second == pytest.approx(speed.tokens / 0.5)
+
+
+def test_text_in_one_read_without_a_send_time_has_no_speed() -> None:
+    meter = SpeedMeter()
+    meter.observe_event(token_event("a"), 1.5)
+    meter.observe_event(token_event("b"), 1.5)
+    meter.observe_chunk(json.loads(SGLANG_USAGE.removeprefix(b"data: ")))
+    assert meter.result() is None
