@@ -11,6 +11,7 @@ from router_app import errors
 from router_app.chunks import (
     ChunkFactory,
     carries_tool_calls,
+    encode_stream_error,
     finish_reason,
     footer_fits,
     needs_inspection,
@@ -18,7 +19,7 @@ from router_app.chunks import (
     without_usage,
 )
 from router_app.speed import SpeedMeter
-from router_app.sse import DONE_EVENT, SSEEvent, encode_json_event
+from router_app.sse import SSEEvent, encode_json_event
 
 _MODEL_FIELD = re.compile(rb'"model": ?"(?:[^"\\]|\\.)*"')
 
@@ -84,7 +85,7 @@ class StreamRelay:
             self.saw_error = True
             self.finished = True
             envelope = errors.normalise_engine_error(500, event.error.encode())
-            return self.flush_held() + encode_json_event(envelope) + DONE_EVENT
+            return self.flush_held() + encode_stream_error(envelope)
         if event.is_done:
             self.finished = True
             return self.flush_held() + raw
