@@ -230,18 +230,18 @@ async def test_load_timeout_stops_the_unit_and_reports_it(parts):
 
 async def test_readiness_is_polled_fast_then_backs_off_to_one_second(parts):
     switcher, _, probe, clock = parts
-    probe.load_polls = 30
+    probe.load_polls = 60
     started = clock.now
     (await lease_of(switcher.request("a"))).release()
-    # the first seconds are polled every 0.1 s: an engine ready after 3 s is noticed within 0.1 s
-    assert 2.8 < clock.now - started < 3.2
-    probe.load_polls = 60
+    # the first seconds are polled every 0.05 s: an engine ready after 3 s is noticed within 0.05 s
+    assert 2.9 < clock.now - started < 3.1
+    probe.load_polls = 120
     started = clock.now
     (await lease_of(switcher.request("b"))).release()
     elapsed = clock.now - started
-    # 50 polls in the first 5 s, then 0.15 s growing by 1.5x to 1 s: ~12 s for 60 polls (fixed 0.1 s: 6 s; the
-    # seed's fixed 2 s ticks: 118 s)
-    assert 10 < elapsed < 14
+    # 100 polls in the first 5 s, then 0.075 s growing by 1.5x to 1 s, then 1 s each:
+    # ~17.5 s for 120 polls (fixed 0.05 s: 6 s; the seed's fixed 2 s ticks: 238 s)
+    assert 16 < elapsed < 19
 
 
 async def test_disconnected_waiter_leaves_queue_but_load_goes_on(parts):
