@@ -93,7 +93,7 @@ async def handle_model_request(service: RouterService, request: ProxyRequest) ->
     if target is None:
         return _Refusal.of(errors.model_not_found(parsed.model)).result()
     received_at = time.monotonic()
-    body = parsed.upstream_body()
+    body = parsed.upstream_body(target)
     try:
         admission = service.switcher.request(target)
     except QueueFull as exc:

@@ -53,14 +53,18 @@ class ClientRequest:
     """The client itself asked for `stream_options.include_usage`. When False the proxy must drop the usage it
     forced on (`chunks.without_usage`)."""
 
-    def upstream_body(self) -> bytes:
+    def upstream_body(self, engine_model: str) -> bytes:
         """The body to send the engine.
 
-        Chat: injected texts removed from assistant history (`history.clean_history`). Streams: usage forced on
-        with `stream_options.include_usage: true`, other stream options kept. When neither applies, the bytes
-        as received (no re-serialisation).
+        `model` is the id the engine serves (`engine_model`: vLLM answers 404 to any other name, and the client may
+        have used an alias). Chat: injected texts removed from assistant history (`history.clean_history`).
+        Streams: usage forced on with `stream_options.include_usage: true`, other stream options kept. When nothing
+        applies, the bytes as received (no re-serialisation).
         """
         body, changed = clean_history(self.body) if self.endpoint == "chat" else (self.body, False)
+        if body.get("model") != engine_model:
+            body = {**body, "model": engine_model}
+            changed = True
         if self.stream and self.endpoint != "embedding":
             options = body.get("stream_options")
             options = dict(options) if isinstance(options, Mapping) else {}

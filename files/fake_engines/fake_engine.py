@@ -874,6 +874,9 @@ class Engine:
             return self.loading_error(h)
         if not isinstance(body, dict):
             return self.bad_request(h, "request body must be a JSON object", loc="body")
+        if kind == "vllm" and body.get("model") and body["model"] != self.cfg.model_id:
+            # vLLM serves only its --served-model-name (serving_engine.py `_check_model`): anything else is a 404.
+            return h.send_json(404, error_shape(kind, 404, f"The model `{body['model']}` does not exist."))
         hold = abort_now = False
         if kind == "vllm" and not self.awake.is_set():  # asleep, falling asleep or waking: scheduler paused
             policy = os.environ.get("FAKE_ASLEEP_REQUESTS", "wait").strip().lower() or "wait"

@@ -98,3 +98,23 @@ def test_a_failed_wake_restarts_the_unit_and_answers(router_factory) -> None:  #
     assert statuses(router)["q1"] == "loaded"
     metrics = httpx.get(router.base + "/metrics", timeout=5).text
     assert 'llm_router_model_wakes_total{model="q1",outcome="failed"} 1.0' in metrics
+
+
+def test_an_alias_reaches_vllm_as_its_served_model_name(router_factory) -> None:  # type: ignore[no-untyped-def]
+    # vLLM answers 404 to any model name but its --served-model-name: the router sends the id it serves.
+    model = ModelSpec("qwen-vllm", "vllm", env={"FAKE_LOAD_SECONDS": "0.2"}, extra={"aliases": ["qwen"]})
+    router: RouterEnv = router_factory([model])
+    result = router.stream_chat("qwen", "[[tokens:3]]")
+    assert result.done and not result.errors, result
+    assert "tok1 tok2 tok3" in result.text()
+    with router.client() as client:
+        answer = client.post(
+            "/v1/chat/completions", json={"model": "qwen", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert answer.status_code == 200 and answer.json()["model"] == "qwen", answer.text
+    direct = httpx.post(
+        "http://127.0.0.1:18214/v1/chat/completions",
+        json={"model": "qwen", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=10,
+    )
+    assert direct.status_code == 404 and "does not exist" in direct.text  # the fake checks names like vLLM

@@ -92,7 +92,7 @@ def test_wants_usage_and_forced_include_usage(options: dict[str, Any] | None, wa
         body["stream_options"] = options
     request = parse_request(raw(body), "chat")
     assert request.wants_usage is wants
-    upstream = json.loads(request.upstream_body())
+    upstream = json.loads(request.upstream_body("m"))
     assert upstream["stream_options"]["include_usage"] is True
     assert upstream["messages"] == [] and upstream["model"] == "m"
     assert request.body == body  # the parsed body is not modified
@@ -100,15 +100,15 @@ def test_wants_usage_and_forced_include_usage(options: dict[str, Any] | None, wa
 
 def test_other_stream_options_are_kept() -> None:
     body = {"model": "m", "stream": True, "stream_options": {"continuous_usage_stats": True}}
-    upstream = json.loads(parse_request(raw(body), "completion").upstream_body())
+    upstream = json.loads(parse_request(raw(body), "completion").upstream_body("m"))
     assert upstream["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
 
 
 def test_non_streaming_without_history_changes_forwards_the_bytes_received() -> None:
     original = b'{"model":"m",  "messages":[{"role":"user","content":"\\u26a1 hi"}], "x": 1.50}'
-    assert parse_request(original, "chat").upstream_body() is original
+    assert parse_request(original, "chat").upstream_body("m") is original
     embedding = b'{"model": "e", "input": "x", "stream": true}'
-    assert parse_request(embedding, "embedding").upstream_body() is embedding
+    assert parse_request(embedding, "embedding").upstream_body("e") is embedding
 
 
 def test_upstream_body_cleans_chat_history() -> None:
@@ -119,7 +119,7 @@ def test_upstream_body_cleans_chat_history() -> None:
             {"role": "assistant", "content": "answer é" + speed_footer(3, 1.0, 3.0)},
         ],
     }
-    upstream = parse_request(raw(body), "chat").upstream_body()
+    upstream = parse_request(raw(body), "chat").upstream_body("m")
     assert json.loads(upstream)["messages"][1]["content"] == "answer é"
     assert "é".encode() in upstream  # UTF-8, not \\u escapes
     assert b", " not in upstream  # compact
@@ -127,7 +127,7 @@ def test_upstream_body_cleans_chat_history() -> None:
 
 def test_completion_prompt_is_never_rewritten() -> None:
     body = raw({"model": "m", "prompt": "x" + speed_footer(3, 1.0, 3.0)})
-    assert parse_request(body, "completion").upstream_body() is body
+    assert parse_request(body, "completion").upstream_body("m") is body
 
 
 @pytest.mark.parametrize(
@@ -208,7 +208,7 @@ def test_nesting_up_to_the_limit_is_accepted_and_re_serialised() -> None:
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x", "s": schema}]}
     parsed = parse_request(json.dumps(body).encode(), "chat")
     assert json_depth(parsed.body) == MAX_JSON_DEPTH
-    assert json.loads(parsed.upstream_body())["stream_options"] == {"include_usage": True}
+    assert json.loads(parsed.upstream_body("m"))["stream_options"] == {"include_usage": True}
 
 
 def test_json_depth() -> None:
@@ -225,3 +225,9 @@ def test_numbers_out_of_float_range_are_a_400() -> None:
     assert caught.value.status == 400
     assert "out of range" in caught.value.message
     assert parse_request(b'{"model": "m", "temperature": 1.5e300}', "chat").body["temperature"] == 1.5e300
+
+
+def test_an_alias_reaches_the_engine_as_the_model_id_it_serves() -> None:
+    body = {"model": "current", "messages": [{"role": "user", "content": "hi"}]}
+    upstream = json.loads(parse_request(raw(body), "chat").upstream_body("qwen-vllm"))
+    assert upstream == {**body, "model": "qwen-vllm"}
