@@ -136,6 +136,8 @@ class Ticket:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     internal: bool = False
     """A load the router asked for itself (preload, POST /models/load): served by loading, then released."""
+    number: int = 0
+    """Names it in the log (`request #12 for m waits`, `serving ... for m: #12 #13`): counts from 1 per router."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,7 @@ class Switcher:
         self.waiters: list[Ticket] = []
         self.switches = 0
         self._listeners: list[Callable[[ModelEvent], None]] = []
+        self._ticket_numbers = itertools.count(1)
 
     # ----- requests -----------------------------------------------------------------------------------------
 
@@ -303,6 +306,7 @@ class Switcher:
         """The client went away: leave the queue. A load already under way goes on for the next request."""
         if ticket in self.waiters:
             self.waiters.remove(ticket)
+            log.info("request #%d for %s left the queue (its client went away)", ticket.number, ticket.model.id)
         if ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is None:
             ticket.future.result().release()
         else:
@@ -533,8 +537,12 @@ class Switcher:
 
     def _enqueue(self, model: ModelConfig, internal: bool) -> Ticket:
         loop = asyncio.get_running_loop()
-        ticket = Ticket(model, self.clock(), loop.create_future(), internal=internal)
+        ticket = Ticket(model, self.clock(), loop.create_future(), internal=internal, number=next(self._ticket_numbers))
         self.waiters.append(ticket)
+        # One line per queued request, and one per group served (`_schedule`): enough to replay the queue from the
+        # log (tests/e2e/storm.py counts the loads the admission order needs from these lines).
+        what = "load" if internal else "request"
+        log.info("%s #%d for %s waits (%d waiting)", what, ticket.number, model.id, len(self.waiters))
         self._schedule()
         return ticket
 
@@ -566,6 +574,12 @@ class Switcher:
             if found is not None and found.state is SlotState.LOADED and not found.unload_requested:
                 if found.evicting:
                     continue  # chosen to make room for an older group: its new requests wait
+                log.info(
+                    "serving %d waiting request(s) for %s: %s",
+                    len(tickets),
+                    model.id,
+                    " ".join(f"#{t.number}" for t in tickets),
+                )
                 for ticket in tickets:
                     self._serve(ticket)
                 continue
@@ -677,6 +691,8 @@ class Switcher:
         reset_first = self.status.get(model.id) is ModelStatus.FAILED
         slot = self._new_slot(model, SlotState.LOADING)
         slot.phase = Phase.LOADING if adopt else Phase.STARTING
+        if not adopt:
+            log.info("loading %s: starting %s", model.id, model.unit)
         self.slots[model.id] = slot
         self._emit(ModelEvent(model.id, ModelStatus.LOADING))
         slot.task = asyncio.get_running_loop().create_task(self._run_load(slot, adopt, reset_first))
@@ -773,7 +789,11 @@ class Switcher:
 
     def _fail_waiters(self, model_id: str, failure: SwitchFailed) -> None:
         """Every request waiting for `model_id` leaves the queue with `failure`."""
-        for ticket in [t for t in self.waiters if t.model.id == model_id]:
+        failing = [t for t in self.waiters if t.model.id == model_id]
+        if failing:
+            numbers = " ".join(f"#{t.number}" for t in failing)
+            log.info("failing %d waiting request(s) for %s: %s", len(failing), model_id, numbers)
+        for ticket in failing:
             self.waiters.remove(ticket)
             if not ticket.future.done():
                 ticket.future.set_exception(failure)
@@ -814,6 +834,7 @@ class Switcher:
             return
         with contextlib.suppress(SwitchFailed):
             await self._wait_port_closed(slot.model, slot.engine, f"after stopping {slot.unit}")
+        log.info("stopped %s", slot.unit)
         self._drop(slot)
         if final_status is ModelStatus.FAILED:
             self._emit(ModelEvent(slot.model.id, ModelStatus.FAILED))
