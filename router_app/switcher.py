@@ -185,6 +185,11 @@ class _Slot:
     evict_to_sleep: bool = False
     unload_requested: bool = False
     stopped_from: SlotState = SlotState.LOADED
+    since: int | None = None
+    """While it loads (or wakes): the number of the oldest request it was begun for (`Ticket.number`). Its group
+    keeps that place in the queue until the load completes, even if that request leaves: the requests that joined
+    the load are then served by it, instead of the model being evicted unused for a group that came later than the
+    load began."""
     task: asyncio.Task[None] | None = None
     idle_task: asyncio.Task[None] | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -558,11 +563,23 @@ class Switcher:
         for ticket in self.waiters:
             ticket.changed.set()
 
+    def _oldest_waiter(self, model_id: str) -> int | None:
+        return min((t.number for t in self.waiters if t.model.id == model_id), default=None)
+
     def _groups(self) -> list[tuple[ModelConfig, list[Ticket]]]:
+        """Waiting requests by model, oldest group first: a group's place is its oldest request's (their numbers
+        count up as they arrive), or, while its model loads, the oldest request the load was begun for
+        (`_Slot.since`)."""
         groups: dict[str, list[Ticket]] = {}
         for ticket in self.waiters:
             groups.setdefault(ticket.model.id, []).append(ticket)
-        return [(tickets[0].model, tickets) for tickets in groups.values()]
+
+        def place(tickets: list[Ticket]) -> int:
+            slot = self.slots.get(tickets[0].model.id)
+            since = slot.since if slot is not None and slot.since is not None else tickets[0].number
+            return min(since, tickets[0].number)
+
+        return [(tickets[0].model, tickets) for tickets in sorted(groups.values(), key=place)]
 
     def _schedule(self) -> None:
         """Take every decision the current state allows. Synchronous; safe to call any time."""
@@ -612,6 +629,8 @@ class Switcher:
                 self._begin_stop(slot, UnloadReason.REQUEST if slot.unload_requested else UnloadReason.SWITCH)
             elif slot.state in (SlotState.LOADED, SlotState.SLEEPING) and idle:
                 self._arm_idle_timer(slot)
+            if slot.state is not SlotState.LOADING:
+                slot.since = None  # its load is over (and its group was served above): back to the arrival order
         self._notify_waiters()
 
     def _serve(self, ticket: Ticket) -> None:
@@ -691,6 +710,7 @@ class Switcher:
         reset_first = self.status.get(model.id) is ModelStatus.FAILED
         slot = self._new_slot(model, SlotState.LOADING)
         slot.phase = Phase.LOADING if adopt else Phase.STARTING
+        slot.since = self._oldest_waiter(model.id)
         if not adopt:
             log.info("loading %s: starting %s", model.id, model.unit)
         self.slots[model.id] = slot
@@ -871,6 +891,7 @@ class Switcher:
 
     def _begin_wake(self, slot: _Slot) -> None:
         slot.state = SlotState.LOADING
+        slot.since = self._oldest_waiter(slot.model.id)
         slot.phase = Phase.WAKING
         slot.started = self.clock()
         self._cancel_idle_timer(slot)

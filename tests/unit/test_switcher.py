@@ -199,6 +199,31 @@ async def test_waiters_are_grouped_by_model_without_ping_pong(parts):
     ]
 
 
+async def test_a_load_whose_first_waiter_left_still_serves_the_requests_that_joined_it_before_switching_on(parts):
+    # Found by the switch storm: a's load was begun for its oldest waiter, who left; the requests that had joined
+    # the load were then younger than b's group, so a was evicted the moment it was ready, unused, and loaded
+    # again after b: a wasted load (minutes on a real GPU) and a longer wait for everyone.
+    switcher, systemd, _, _ = parts
+    first_a = switcher.request("a")
+    to_b = switcher.request("b")
+    joined_a = switcher.request("a")
+    switcher.cancel(first_a)
+    served: list[str] = []
+
+    async def serve(ticket: Ticket | Lease) -> None:
+        lease = await lease_of(ticket)
+        served.append(lease.model.id)
+        await asyncio.sleep(0)
+        lease.release()
+
+    await asyncio.gather(serve(joined_a), serve(to_b))
+    assert served == ["a", "b"]
+    assert [c for c in systemd.calls if c.startswith("start")] == [
+        "start llm-backend-llamacpp-a.service",
+        "start llm-backend-sglang-b.service",
+    ]
+
+
 async def test_the_log_names_every_wait_load_and_served_group_so_the_storm_can_replay_it(parts, caplog):
     switcher, _, _, _ = parts
     caplog.set_level(logging.INFO, logger="llm_router.switcher")
