@@ -230,17 +230,20 @@ class StormClient:
             for index in range(self.requests):
                 kind = self.rng.choices(kinds, weights)[0]
                 model = EMBED if kind == "embedding" else self.rng.choice([CHAT_A, CHAT_X])
-                outcome = Outcome(self.number, index, kind, model, time.monotonic())
-                try:
-                    self.one(http, outcome)
-                except _Problem as exc:
-                    outcome.problem, outcome.truncated = str(exc), exc.truncated
-                except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-                    outcome.problem = f"{type(exc).__name__}: {exc}"
-                outcome.ended = time.monotonic()
-                self.record(outcome)
+                self.attempt(http, Outcome(self.number, index, kind, model, time.monotonic()))
                 pause = self.rng.uniform(1.0, 1.5) if self.rng.random() < 0.1 else self.rng.uniform(0, 0.05)
                 time.sleep(pause)
+
+    def attempt(self, http: httpx.Client, outcome: Outcome) -> None:
+        """Send one request, note how it went, record it."""
+        try:
+            self.one(http, outcome)
+        except _Problem as exc:
+            outcome.problem, outcome.truncated = str(exc), exc.truncated
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            outcome.problem = f"{type(exc).__name__}: {exc}"
+        outcome.ended = time.monotonic()
+        self.record(outcome)
 
     def one(self, http: httpx.Client, outcome: Outcome) -> None:
         tag = f"storm c{self.number} r{outcome.index}"
@@ -377,8 +380,8 @@ class SwitchReplay:
     """Per model, the reason of each stop in order (to pair them with the engine's stop events)."""
     waited: int = 0
     left: int = 0
-    raced_stops: int = 0
-    """Requests admitted while their model's stop (idle or switch) was under way."""
+    raced_stops: Counter[str] = field(default_factory=Counter)
+    """Requests admitted while their model's stop was under way, by the stop's reason (idle, switch)."""
     alternations: int = 0
     """Batches whose model conflicts with the previous batch's, in the order they opened."""
     max_waiting: int = 0
@@ -423,7 +426,8 @@ class SwitchReplay:
                 waiting[number] = model
                 self.waited += 1
                 self.max_waiting = max(self.max_waiting, len(waiting))
-                self.raced_stops += model in stopping
+                if model in stopping:
+                    self.raced_stops[stopping[model]] += 1
                 if model not in batches:
                     batches[model] = _Batch(model)
                     if last_batch is not None and model in conflicting[last_batch]:
@@ -541,8 +545,8 @@ class StormResult:
     replay: SwitchReplay
     starts: Counter[str]
     problems: list[str]
-    idle_stops_during: int = 0
-    """Idle stops before the last client finished (the one after the storm not counted)."""
+    race_requests: int = 0
+    """Of `outcomes`, the idle-race phase's embeddings (`idle_race`)."""
 
     @property
     def failed(self) -> list[Outcome]:
@@ -564,7 +568,10 @@ class StormResult:
         total_needed, total_starts = sum(needed.values()), sum(starts.values())
         per_model = " / ".join(f"{starts[m]} vs {needed[m]}" for m in MODEL_IDS)
         rows = [
-            ("clients × requests each", f"{self.clients} × {self.requests} = {len(self.outcomes)}"),
+            (
+                "clients × requests each (+ idle-race embeddings)",
+                f"{self.clients} × {self.requests} = {self.clients * self.requests} (+ {self.race_requests})",
+            ),
             ("requests by kind", ", ".join(f"{k} {by_kind[k]}" for k in KINDS)),
             ("requests by model", ", ".join(f"{m} {by_model[m]}" for m in MODEL_IDS)),
             ("answered in full", str(sum(o.ok for o in self.outcomes))),
@@ -579,9 +586,9 @@ class StormResult:
             ),
             ("switches between conflicting models (after batching)", str(self.replay.alternations)),
             (
-                "idle stops of embed (during the storm, of them raced by a request)",
-                f"{self.replay.stops[(EMBED, 'idle')]} ({self.idle_stops_during} during, "
-                f"{self.replay.raced_stops} requests arrived during a stop)",
+                "idle stops of embed / requests that arrived during an idle stop / during a switch stop",
+                f"{self.replay.stops[(EMBED, 'idle')]} / {self.replay.raced_stops['idle']} / "
+                f"{self.replay.raced_stops['switch']}",
             ),
             ("duration", f"{self.seconds:.1f} s"),
             ("latency of full answers p50 / p99", f"{p50:.2f} s / {p99:.2f} s"),
@@ -620,13 +627,13 @@ def engine_timeline(router: RouterEnv) -> tuple[Counter[str], dict[str, list[flo
 def check(router: RouterEnv, outcomes: list[Outcome], seconds: float, clients: int, requests: int) -> StormResult:
     """Every pass criterion of the storm (see the module docstring); call after the clients have finished."""
     problems: list[str] = []
-    storm_ended = time.time()
     for o in outcomes:
         if o.problem is not None:
             what = "truncated" if o.truncated else "failed"
             problems.append(f"{what}: client {o.client} request {o.index} ({o.kind}, {o.model}): {o.problem}")
-    if len(outcomes) != clients * requests:
-        problems.append(f"{len(outcomes)} outcomes for {clients} × {requests} requests")
+    race = sum(o.client == clients for o in outcomes)
+    if len(outcomes) != clients * requests + race:
+        problems.append(f"{len(outcomes)} outcomes for {clients} × {requests} requests and {race} more")
 
     def settled() -> dict[str, Any] | None:
         health: dict[str, Any] = httpx.get(router.base + "/health", timeout=5).json()
@@ -670,11 +677,9 @@ def check(router: RouterEnv, outcomes: list[Outcome], seconds: float, clients: i
             )
     # Every idle stop came after at least IDLE_UNLOAD s without a request, by the engine's own clock.
     requests_at = [e["ts"] for e in router.events(IDLE_MODEL, "request")]
-    idle_during = 0
     for reason, stopped_at in zip(replay.stop_reasons.get(IDLE_MODEL, []), stop_times[IDLE_MODEL], strict=False):
         if reason != "idle":
             continue
-        idle_during += stopped_at < storm_ended
         last = max((t for t in requests_at if t < stopped_at), default=None)
         if last is not None and stopped_at - last < IDLE_UNLOAD:
             problems.append(f"{IDLE_MODEL} stopped as idle {stopped_at - last:.3f} s after a request")
@@ -711,9 +716,25 @@ def check(router: RouterEnv, outcomes: list[Outcome], seconds: float, clients: i
         problems.append("/metrics shows requests in flight or waiting after the storm")
     if health["in_flight"] or health["waiting"]:
         problems.append(f"/health after the storm: {health}")
-    return StormResult(clients, requests, outcomes, seconds, replay, starts, problems, idle_during)
+    return StormResult(clients, requests, outcomes, seconds, replay, starts, problems, race)
 
 
-def run_storm(router: RouterEnv, clients: int, requests: int, seed: int) -> StormResult:
+def idle_race(router: RouterEnv, client: int, count: int, seed: int) -> list[Outcome]:
+    """After the storm, `count` embeddings one at a time, each sent 0.97-1.12 s after the previous answer: around
+    the moment `embed`'s idle unload (1 s) fires, so that requests meet its idle stop under way (and just before
+    and after it). Counted as client number `client`."""
+    outcomes: list[Outcome] = []
+    racer = StormClient(router, client, count, seed, outcomes.append)
+    with httpx.Client(base_url=router.base, timeout=httpx.Timeout(10, read=120)) as http:
+        for index in range(count):
+            if index:
+                time.sleep(IDLE_UNLOAD + racer.rng.uniform(-0.03, 0.12))
+            racer.attempt(http, Outcome(client, index, "embedding", EMBED, time.monotonic()))
+    return outcomes
+
+
+def run_storm(router: RouterEnv, clients: int, requests: int, seed: int, race: int = 6) -> StormResult:
+    """The storm's clients, then `race` idle-race embeddings, then every check."""
     outcomes, seconds = run_clients(router, clients, requests, seed)
+    outcomes += idle_race(router, clients, race, seed)
     return check(router, outcomes, seconds, clients, requests)
