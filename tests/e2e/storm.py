@@ -572,8 +572,8 @@ class StormResult:
                 "clients × requests each (+ idle-race embeddings)",
                 f"{self.clients} × {self.requests} = {self.clients * self.requests} (+ {self.race_requests})",
             ),
-            ("requests by kind", ", ".join(f"{k} {by_kind[k]}" for k in KINDS)),
-            ("requests by model", ", ".join(f"{m} {by_model[m]}" for m in MODEL_IDS)),
+            ("requests by kind (idle race included)", ", ".join(f"{k} {by_kind[k]}" for k in KINDS)),
+            ("requests by model (idle race included)", ", ".join(f"{m} {by_model[m]}" for m in MODEL_IDS)),
             ("answered in full", str(sum(o.ok for o in self.outcomes))),
             ("disconnects (mid-answer / while waiting)", f"{left['mid-answer']} / {left['waiting']}"),
             ("failed (other than disconnects)", str(len(self.failed))),
@@ -590,7 +590,7 @@ class StormResult:
                 f"{self.replay.stops[(EMBED, 'idle')]} / {self.replay.raced_stops['idle']} / "
                 f"{self.replay.raced_stops['switch']}",
             ),
-            ("duration", f"{self.seconds:.1f} s"),
+            ("duration of the clients' part (without the idle race)", f"{self.seconds:.1f} s"),
             ("latency of full answers p50 / p99", f"{p50:.2f} s / {p99:.2f} s"),
             ("problems", str(len(self.problems))),
         ]
