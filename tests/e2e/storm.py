@@ -355,21 +355,21 @@ class SwitchReplay:
     **The minimum the admission order needs** (`needed`, per model): the number of *batches* of waiting requests.
     Requests served at once never need a load (their model was loaded). Walk the waiting requests in the order the
     router admitted them (`request #N for M waits`): a request for M joins M's open batch, or opens one when M has
-    none. A batch of M stays open while one of its requests still waits or a load of M begun for it is under way,
-    and closes when a load of M completes (`model M ready`), or, having had no load, when none of its requests waits
-    any more (all served at once after a conflicting waiter left, or all left). A batch counts when a load of M was
-    begun while it was open or it was closed by a completed load.
+    none. A batch of M stays open while one of its requests still waits or a load of M is under way: it is a chain
+    of requests that waited together, each arriving while an earlier one still waited, so one load completing
+    while they wait can serve them all (a correct router serves every waiting request of M when M becomes ready,
+    which closes the batch). A batch counts when a load of M began or completed while it was open; one whose
+    requests all left before any load of M began needs none.
 
     Why that is a minimum: a batch's first request waited while no earlier request for M waited, so M was not
     ready for it (stopped, stopping, or loaded but chosen to make room for an older group of a conflicting model:
-    the no-starvation rule lets nobody overtake that group); so every batch needs a load, one that completes
-    after the batch opened. Two batches cannot share a load: the later one opened after the earlier one closed,
-    and a load completing after that cannot be the one that closed it or was begun for it. Hence
-    `needed[M] <= starts[M]` for any scheduler with that rule, and `starts[M] - needed[M]` counts loads that
-    served no batch of their own: a request left waiting when its model became ready (grouping broken), a
-    pointless or duplicate load. Switches forced by the clients' order (alternations of conflicting models in
-    admission order, after batching) and restarts after a genuine idle unload are in `needed`; needless stops are
-    not, and are refused separately (`problems`).
+    the no-starvation rule lets nobody overtake that group); so every counted batch needs a load during its open
+    span, and two batches cannot share one: the later opened after the earlier closed. Hence
+    `needed[M] <= starts[M]` for any router, and `starts[M] - needed[M]` counts loads beyond one per batch: a
+    request left waiting when its model became ready and served by a later load (grouping broken), a pointless or
+    duplicate load. Switches forced by the clients' order (alternations of conflicting models in admission order,
+    after batching) and restarts after a genuine idle unload are in `needed`; needless stops are not, and are
+    refused separately (`problems`).
     """
 
     needed: Counter[str] = field(default_factory=Counter)
@@ -476,9 +476,9 @@ class SwitchReplay:
                 loading.discard(model)
                 loaded.add(model)
                 just_ready[model] = {n for n, m in waiting.items() if m == model}
-                batch = batches.pop(model, None)
-                if batch is not None:
-                    self.needed[model] += 1
+                if model in batches:
+                    batches[model].load_begun = True
+                    close_if_done(model)  # else the serving line that follows closes it
             elif match := _STOP.match(line):
                 model, reason = models.get(match.group(1), match.group(1)), match.group(2)
                 if model not in loaded:
@@ -547,6 +547,8 @@ class StormResult:
     problems: list[str]
     race_requests: int = 0
     """Of `outcomes`, the idle-race phase's embeddings (`idle_race`)."""
+    uncounted_disconnects: int = 0
+    """Disconnects missing from /metrics by the known proxy bug (see `check`)."""
 
     @property
     def failed(self) -> list[Outcome]:
@@ -592,6 +594,7 @@ class StormResult:
             ),
             ("duration of the clients' part (without the idle race)", f"{self.seconds:.1f} s"),
             ("latency of full answers p50 / p99", f"{p50:.2f} s / {p99:.2f} s"),
+            ("disconnects /metrics does not count (known proxy.py bug)", str(self.uncounted_disconnects)),
             ("problems", str(len(self.problems))),
         ]
         return "\n".join(["| figure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
@@ -683,11 +686,12 @@ def check(router: RouterEnv, outcomes: list[Outcome], seconds: float, clients: i
         last = max((t for t in requests_at if t < stopped_at), default=None)
         if last is not None and stopped_at - last < IDLE_UNLOAD:
             problems.append(f"{IDLE_MODEL} stopped as idle {stopped_at - last:.3f} s after a request")
-    for model in MODEL_IDS:
+    for model in MODEL_IDS:  # first in the list: the storm's headline criterion
         if not replay.needed[model] <= starts[model] <= START_FACTOR * replay.needed[model]:
-            problems.append(
+            problems.insert(
+                0,
                 f"{model}: {starts[model]} unit starts, the admission order needs {replay.needed[model]} "
-                f"(allowed up to ×{START_FACTOR})"
+                f"(allowed up to ×{START_FACTOR})",
             )
 
     # /metrics against the clients and the engines.
@@ -698,8 +702,18 @@ def check(router: RouterEnv, outcomes: list[Outcome], seconds: float, clients: i
         elif o.left is not None:
             seen[(o.model, "cancelled")] += 1
     counted = metric_counts(samples, "llm_router_requests_total", "model", "outcome")
-    if counted != seen:
+    # Known bug (tests/e2e/test_storm.py::test_bug_a_stream_left_before_the_engine_answered_is_counted_as_cancelled,
+    # router_app/proxy.py): a client that leaves between its lease and the engine's response headers leaves no
+    # outcome at all, and no trace in the log. Tolerated here only as exactly that: disconnects the router neither
+    # logged (`stream for M: cut short`, `request #N for M left the queue`) nor counted.
+    uncounted: Counter[tuple[str, str]] = Counter()
+    for model in MODEL_IDS:
+        traced = len(re.findall(rf"stream for {re.escape(model)}: cut short", log))
+        traced += len(re.findall(rf"request #\d+ for {re.escape(model)} left the queue", log))
+        uncounted[(model, "cancelled")] = max(0, seen[(model, "cancelled")] - traced)
+    if counted != seen and counted != seen - uncounted:
         problems.append(f"/metrics requests_total {dict(counted)} != the clients' {dict(seen)}")
+    missing = sum((seen - counted).values()) if counted != seen else 0
     loads_ok = metric_counts(samples, "llm_router_model_loads_total", "model", "outcome")
     if loads_ok != Counter({(m, "ok"): n for m, n in starts.items()}):
         problems.append(f"/metrics model_loads_total {dict(loads_ok)} != engine starts {dict(starts)}")
@@ -716,7 +730,7 @@ def check(router: RouterEnv, outcomes: list[Outcome], seconds: float, clients: i
         problems.append("/metrics shows requests in flight or waiting after the storm")
     if health["in_flight"] or health["waiting"]:
         problems.append(f"/health after the storm: {health}")
-    return StormResult(clients, requests, outcomes, seconds, replay, starts, problems, race)
+    return StormResult(clients, requests, outcomes, seconds, replay, starts, problems, race, missing)
 
 
 def idle_race(router: RouterEnv, client: int, count: int, seed: int) -> list[Outcome]:
