@@ -13,8 +13,9 @@ router idle and its /metrics equal to the clients' counts afterwards). Exits 1 o
     .venv/bin/python bench/storm.py [--clients 20] [--requests 10] [--race 6] [--seed N] [--base-port 18860]
                                     [--append-to docs/reliability.md]
 
-`--append-to FILE` appends the run (date, commit, machine, seed, the table) to FILE, e.g. the storm section of
-docs/reliability.md. The router listens on --base-port, its engines on the next five ports.
+`--append-to FILE` adds the run (date, commit, machine, seed, the table) to FILE: above the line
+`<!-- bench/storm.py --append-to: new runs go above this line -->` when FILE has one (the storm section of
+docs/reliability.md does), else at its end. The router listens on --base-port, its engines on the next five ports.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ if str(REPO) not in sys.path:
 from tests.e2e import storm  # noqa: E402
 from tests.e2e.conftest import RouterEnv  # noqa: E402
 
+MARKER = "<!-- bench/storm.py --append-to: new runs go above this line -->"
+
 
 def describe_run(seed: int) -> str:
     commit = subprocess.run(
@@ -45,6 +48,13 @@ def describe_run(seed: int) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
     return f"{now}, commit {commit or '?'}, {machine}, seed {seed}"
+
+
+def add_run(path: Path, text: str) -> None:
+    """Insert `text` above MARKER in the file, or append it when there is none."""
+    old = path.read_text() if path.exists() else ""
+    at = old.find(MARKER)
+    path.write_text(old + text if at < 0 else old[:at] + text.lstrip("\n") + "\n" + old[at:])
 
 
 def main() -> int:
@@ -73,8 +83,7 @@ def main() -> int:
         print(f"  problem: {problem}")
     print(f"verdict: {'FAIL' if result.problems else 'PASS'}")
     if args.append_to is not None:
-        with args.append_to.open("a") as out:
-            out.write(f"\n{heading}:\n\n{result.table()}\n")
+        add_run(args.append_to, f"\n{heading}:\n\n{result.table()}\n")
     return 1 if result.problems else 0
 
 
