@@ -115,6 +115,20 @@ async def lease_of(result: Lease | Ticket) -> Lease:
     return await asyncio.wait_for(result.future, 5)
 
 
+async def serve_all(admissions: Sequence[Lease | Ticket]) -> list[str]:
+    """Wait for every admission's lease at once, release each right away; the models in the order served."""
+    served: list[str] = []
+
+    async def serve(admission: Lease | Ticket) -> None:
+        lease = await lease_of(admission)
+        served.append(lease.model.id)
+        await asyncio.sleep(0)
+        lease.release()
+
+    await asyncio.gather(*(serve(a) for a in admissions))
+    return served
+
+
 async def test_first_request_starts_unit_and_later_ones_get_a_lease_at_once(parts):
     switcher, systemd, _, _ = parts
     first = switcher.request("a")
@@ -181,16 +195,7 @@ async def test_waiters_are_grouped_by_model_without_ping_pong(parts):
     order = ["a", "b", "a", "b", "a", "b"]
     tickets = [switcher.request(m) for m in order]
     running.release()
-    served: list[str] = []
-
-    async def serve(ticket: Ticket | Lease) -> None:
-        lease = await lease_of(ticket)
-        served.append(lease.model.id)
-        await asyncio.sleep(0)
-        lease.release()
-
-    await asyncio.gather(*(serve(t) for t in tickets))
-    assert served == ["a", "a", "a", "b", "b", "b"]
+    assert await serve_all(tickets) == ["a", "a", "a", "b", "b", "b"]
     starts = [c for c in systemd.calls if c.startswith("start")]
     assert starts == [
         "start llm-backend-tabbyapi-c.service",
@@ -208,16 +213,7 @@ async def test_a_load_whose_first_waiter_left_still_serves_the_requests_that_joi
     to_b = switcher.request("b")
     joined_a = switcher.request("a")
     switcher.cancel(first_a)
-    served: list[str] = []
-
-    async def serve(ticket: Ticket | Lease) -> None:
-        lease = await lease_of(ticket)
-        served.append(lease.model.id)
-        await asyncio.sleep(0)
-        lease.release()
-
-    await asyncio.gather(serve(joined_a), serve(to_b))
-    assert served == ["a", "b"]
+    assert await serve_all([joined_a, to_b]) == ["a", "b"]
     assert [c for c in systemd.calls if c.startswith("start")] == [
         "start llm-backend-llamacpp-a.service",
         "start llm-backend-sglang-b.service",
@@ -232,13 +228,7 @@ async def test_the_log_names_every_wait_load_and_served_group_so_the_storm_can_r
     gone = switcher.request("a")  # #6, its client goes away
     switcher.cancel(gone)
     running.release()
-
-    async def serve(ticket: Ticket | Lease) -> None:
-        lease = await lease_of(ticket)
-        await asyncio.sleep(0)
-        lease.release()
-
-    await asyncio.gather(*(serve(t) for t in tickets))
+    assert await serve_all(tickets) == ["a", "a", "b", "b"]
     log = "\n".join(f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records)
     for line in (
         "request #2 for a waits (1 waiting)",
