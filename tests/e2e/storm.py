@@ -11,7 +11,8 @@ Each of `clients` threads sends `requests` requests one after another, each a ra
 non-streamed chat and legacy completions (to `chat-a` or `chat-x`), embeddings (to `embed`), a stream it leaves
 after its first few content chunks, and a stream it leaves while it waits for a switch (after the first or second
 status line; when it was not made to wait it leaves after its first content chunks instead). Between requests a
-client pauses 0-50 ms, sometimes 1-1.5 s (a user reading), so that `embed` goes idle now and then.
+client pauses 0-50 ms, sometimes 1-1.5 s (a user reading). Then the idle race (`idle_race`): embeddings one at a
+time ~1 s apart, to meet `embed`'s idle stop under way (during the storm the exclusive model evicts it first).
 
 Pass criteria (`check`, each a line in `StormResult.problems`):
 - clients: 0 failed requests other than the deliberate disconnects, 0 truncated answers (every stream not left
@@ -19,14 +20,15 @@ Pass criteria (`check`, each a line in `StormResult.problems`):
   and speed footer checked for their form and taken off; embeddings equal the fake's vector for the input);
 - engines (their event logs): no engine process started while one of the same model still ran, `chat-x` never ran
   beside `chat-a` or `embed`, and those two did run side by side;
-- the router's own account (its log, replayed by `replay_switch_log`): no unit started while its stop was
+- the router's own account (its log, replayed by `SwitchReplay`): no unit started while its stop was
   unfinished, no two loads of one model at once, every stop justified (a switch stop only while a request for a
   conflicting model waited; an idle stop only of `embed`, after at least 1 s without a request per its engine's
   log), every waiting request served by the first load of its model that completed after it arrived (grouping),
   and unit starts <= 1.2 x the minimum the admission order needs (`SwitchReplay.needed`, defined there);
 - after the storm: nothing in flight and nothing waiting (`/health`), and `/metrics` agrees with the clients and
   the engines: `llm_router_requests_total` per model and outcome equals the clients' own counts (answers `ok`,
-  disconnects `cancelled`, nothing else), loads equal engine starts, unloads equal engine stops.
+  disconnects `cancelled`, nothing else; short only by the known proxy.py miscount, see `check`), loads equal
+  engine starts, unloads equal engine stops.
 """
 
 from __future__ import annotations
