@@ -136,6 +136,8 @@ class Ticket:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     internal: bool = False
     """A load the router asked for itself (preload, POST /models/load): served by loading, then released."""
+    number: int = 0
+    """Names it in the log (`request #12 for m waits`, `serving ... for m: #12 #13`): counts from 1 per router."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,11 @@ class _Slot:
     evict_to_sleep: bool = False
     unload_requested: bool = False
     stopped_from: SlotState = SlotState.LOADED
+    since: int | None = None
+    """While it loads (or wakes): the number of the oldest request it was begun for (`Ticket.number`). Its group
+    keeps that place in the queue until the load completes, even if that request leaves: the requests that joined
+    the load are then served by it, instead of the model being evicted unused for a group that came later than the
+    load began."""
     task: asyncio.Task[None] | None = None
     idle_task: asyncio.Task[None] | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -226,6 +233,7 @@ class Switcher:
         self.waiters: list[Ticket] = []
         self.switches = 0
         self._listeners: list[Callable[[ModelEvent], None]] = []
+        self._ticket_numbers = itertools.count(1)
 
     # ----- requests -----------------------------------------------------------------------------------------
 
@@ -305,6 +313,7 @@ class Switcher:
         """The client went away: leave the queue. A load already under way goes on for the next request."""
         if ticket in self.waiters:
             self.waiters.remove(ticket)
+            log.info("request #%d for %s left the queue (its client went away)", ticket.number, ticket.model.id)
         if ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is None:
             ticket.future.result().release()
         else:
@@ -535,8 +544,12 @@ class Switcher:
 
     def _enqueue(self, model: ModelConfig, internal: bool) -> Ticket:
         loop = asyncio.get_running_loop()
-        ticket = Ticket(model, self.clock(), loop.create_future(), internal=internal)
+        ticket = Ticket(model, self.clock(), loop.create_future(), internal=internal, number=next(self._ticket_numbers))
         self.waiters.append(ticket)
+        # One line per queued request, and one per group served (`_schedule`): enough to replay the queue from the
+        # log (tests/e2e/storm.py counts the loads the admission order needs from these lines).
+        what = "load" if internal else "request"
+        log.info("%s #%d for %s waits (%d waiting)", what, ticket.number, model.id, len(self.waiters))
         self._schedule()
         return ticket
 
@@ -552,11 +565,23 @@ class Switcher:
         for ticket in self.waiters:
             ticket.changed.set()
 
+    def _oldest_waiter(self, model_id: str) -> int | None:
+        return min((t.number for t in self.waiters if t.model.id == model_id), default=None)
+
     def _groups(self) -> list[tuple[ModelConfig, list[Ticket]]]:
+        """Waiting requests by model, oldest group first: a group's place is its oldest request's (their numbers
+        count up as they arrive), or, while its model loads, the oldest request the load was begun for
+        (`_Slot.since`)."""
         groups: dict[str, list[Ticket]] = {}
         for ticket in self.waiters:
             groups.setdefault(ticket.model.id, []).append(ticket)
-        return [(tickets[0].model, tickets) for tickets in groups.values()]
+
+        def place(tickets: list[Ticket]) -> int:
+            slot = self.slots.get(tickets[0].model.id)
+            since = slot.since if slot is not None and slot.since is not None else tickets[0].number
+            return min(since, tickets[0].number)
+
+        return [(tickets[0].model, tickets) for tickets in sorted(groups.values(), key=place)]
 
     def _schedule(self) -> None:
         """Take every decision the current state allows. Synchronous; safe to call any time."""
@@ -568,6 +593,12 @@ class Switcher:
             if found is not None and found.state is SlotState.LOADED and not found.unload_requested:
                 if found.evicting:
                     continue  # chosen to make room for an older group: its new requests wait
+                log.info(
+                    "serving %d waiting request(s) for %s: %s",
+                    len(tickets),
+                    model.id,
+                    " ".join(f"#{t.number}" for t in tickets),
+                )
                 for ticket in tickets:
                     self._serve(ticket)
                 continue
@@ -600,6 +631,8 @@ class Switcher:
                 self._begin_stop(slot, UnloadReason.REQUEST if slot.unload_requested else UnloadReason.SWITCH)
             elif slot.state in (SlotState.LOADED, SlotState.SLEEPING) and idle:
                 self._arm_idle_timer(slot)
+            if slot.state is not SlotState.LOADING:
+                slot.since = None  # its load is over (and its group was served above): back to the arrival order
         self._notify_waiters()
 
     def _serve(self, ticket: Ticket) -> None:
@@ -679,6 +712,9 @@ class Switcher:
         reset_first = self.status.get(model.id) is ModelStatus.FAILED
         slot = self._new_slot(model, SlotState.LOADING)
         slot.phase = Phase.LOADING if adopt else Phase.STARTING
+        slot.since = self._oldest_waiter(model.id)
+        if not adopt:
+            log.info("loading %s: starting %s", model.id, model.unit)
         self.slots[model.id] = slot
         self._emit(ModelEvent(model.id, ModelStatus.LOADING))
         slot.task = asyncio.get_running_loop().create_task(self._run_load(slot, adopt, reset_first))
@@ -775,7 +811,11 @@ class Switcher:
 
     def _fail_waiters(self, model_id: str, failure: SwitchFailed) -> None:
         """Every request waiting for `model_id` leaves the queue with `failure`."""
-        for ticket in [t for t in self.waiters if t.model.id == model_id]:
+        failing = [t for t in self.waiters if t.model.id == model_id]
+        if failing:
+            numbers = " ".join(f"#{t.number}" for t in failing)
+            log.info("failing %d waiting request(s) for %s: %s", len(failing), model_id, numbers)
+        for ticket in failing:
             self.waiters.remove(ticket)
             if not ticket.future.done():
                 ticket.future.set_exception(failure)
@@ -816,6 +856,7 @@ class Switcher:
             return
         with contextlib.suppress(SwitchFailed):
             await self._wait_port_closed(slot.model, slot.engine, f"after stopping {slot.unit}")
+        log.info("stopped %s", slot.unit)
         self._drop(slot)
         if final_status is ModelStatus.FAILED:
             self._emit(ModelEvent(slot.model.id, ModelStatus.FAILED))
@@ -852,6 +893,7 @@ class Switcher:
 
     def _begin_wake(self, slot: _Slot) -> None:
         slot.state = SlotState.LOADING
+        slot.since = self._oldest_waiter(slot.model.id)
         slot.phase = Phase.WAKING
         slot.started = self.clock()
         self._cancel_idle_timer(slot)

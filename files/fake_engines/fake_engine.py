@@ -18,7 +18,7 @@ FAKE_ACCESS_LOG (1), FAKE_IGNORE_SIGTERM; vLLM sleep mode (with --enable-sleep-m
 FAKE_SLEEP_SECONDS (0.2), FAKE_WAKE_SECONDS (0.3), FAKE_WAKE2_SECONDS (1.0), FAKE_WAKE_FAIL,
 FAKE_ASLEEP_REQUESTS (wait|error|abort).  Per-request magic words in the last user message (or the prompt / input):
 [[tokens:N]] [[delay:S]] [[silence:S]] [[crash-after:N]] [[error]] [[error-midstream]] [[tool:NAME]]
-[[malformed-sse]] [[html-500]].
+[[malformed-sse]] [[html-500]] [[headers-delay:S]].
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ VLLM_MODULES = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.cli.main
 VLLM_VERSION = "0.0.0+fake"
 TABBY_SECTIONS = ("network", "logging", "model", "draft_model", "lora", "embeddings", "sampling", "developer")
 MAGIC_RE = re.compile(
-    r"\[\[(tokens|delay|silence|crash-after|error-midstream|error|tool|malformed-sse|html-500)(?::\s*([^\]]*))?\]\]"
+    r"\[\[(tokens|delay|silence|crash-after|error-midstream|error|tool|malformed-sse|html-500|headers-delay)"
+    r"(?::\s*([^\]]*))?\]\]"
 )
 JSON_SEPARATORS = (",", ":")
 
@@ -389,6 +390,7 @@ class Plan:
         self.error_midstream = False
         self.malformed_sse = False
         self.html_500 = False
+        self.headers_delay = 0.0
         self.prompt_tokens = 1
         self.tool_call: tuple[str, str] | None = None  # (name, JSON arguments): answer with this tool call
 
@@ -472,6 +474,8 @@ def make_plan(body: dict[str, Any], magic_text: str, all_text: str) -> Plan:
                 plan.malformed_sse = True
             elif name == "html-500":
                 plan.html_500 = True
+            elif name == "headers-delay":
+                plan.headers_delay = max(0.0, float(arg))
         except ValueError:
             continue
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
@@ -1157,6 +1161,9 @@ class Engine:
         opts = body.get("stream_options")
         include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
         shapes = Shapes(self, endpoint, plan, include_usage)
+        if plan.headers_delay:  # busy before it answers at all: not even the status line and headers yet
+            self.events.emit("headers_delay", path=path, seconds=plan.headers_delay)
+            time.sleep(plan.headers_delay)
         if stream:
             return self.stream(h, path, shapes, plan, hold)
         if hold:

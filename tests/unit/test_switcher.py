@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import Counter
 from collections.abc import Sequence
 
 import pytest
@@ -11,6 +13,7 @@ from router_app.config import BackendConfig, ModelConfig, RouterConfig
 from router_app.engines import Readiness
 from router_app.switcher import Lease, ModelStatus, Phase, QueueFull, Switcher, SwitchFailed, Ticket
 from router_app.units import UnitError
+from tests.e2e.storm import SwitchReplay
 
 
 class FakeClock:
@@ -112,6 +115,20 @@ async def lease_of(result: Lease | Ticket) -> Lease:
     return await asyncio.wait_for(result.future, 5)
 
 
+async def serve_all(admissions: Sequence[Lease | Ticket]) -> list[str]:
+    """Wait for every admission's lease at once, release each right away; the models in the order served."""
+    served: list[str] = []
+
+    async def serve(admission: Lease | Ticket) -> None:
+        lease = await lease_of(admission)
+        served.append(lease.model.id)
+        await asyncio.sleep(0)
+        lease.release()
+
+    await asyncio.gather(*(serve(a) for a in admissions))
+    return served
+
+
 async def test_first_request_starts_unit_and_later_ones_get_a_lease_at_once(parts):
     switcher, systemd, _, _ = parts
     first = switcher.request("a")
@@ -178,22 +195,62 @@ async def test_waiters_are_grouped_by_model_without_ping_pong(parts):
     order = ["a", "b", "a", "b", "a", "b"]
     tickets = [switcher.request(m) for m in order]
     running.release()
-    served: list[str] = []
-
-    async def serve(ticket: Ticket | Lease) -> None:
-        lease = await lease_of(ticket)
-        served.append(lease.model.id)
-        await asyncio.sleep(0)
-        lease.release()
-
-    await asyncio.gather(*(serve(t) for t in tickets))
-    assert served == ["a", "a", "a", "b", "b", "b"]
+    assert await serve_all(tickets) == ["a", "a", "a", "b", "b", "b"]
     starts = [c for c in systemd.calls if c.startswith("start")]
     assert starts == [
         "start llm-backend-tabbyapi-c.service",
         "start llm-backend-llamacpp-a.service",
         "start llm-backend-sglang-b.service",
     ]
+
+
+async def test_a_load_whose_first_waiter_left_still_serves_the_requests_that_joined_it_before_switching_on(parts):
+    # Found by the switch storm: a's load was begun for its oldest waiter, who left; the requests that had joined
+    # the load were then younger than b's group, so a was evicted the moment it was ready, unused, and loaded
+    # again after b: a wasted load (minutes on a real GPU) and a longer wait for everyone.
+    switcher, systemd, _, _ = parts
+    first_a = switcher.request("a")
+    to_b = switcher.request("b")
+    joined_a = switcher.request("a")
+    switcher.cancel(first_a)
+    assert await serve_all([joined_a, to_b]) == ["a", "b"]
+    assert [c for c in systemd.calls if c.startswith("start")] == [
+        "start llm-backend-llamacpp-a.service",
+        "start llm-backend-sglang-b.service",
+    ]
+
+
+async def test_the_log_names_every_wait_load_and_served_group_so_the_storm_can_replay_it(parts, caplog):
+    switcher, _, _, _ = parts
+    caplog.set_level(logging.INFO, logger="llm_router.switcher")
+    running = await lease_of(switcher.request("c"))  # request #1
+    tickets = [switcher.request(m) for m in ["a", "b", "a", "b"]]  # #2-#5
+    gone = switcher.request("a")  # #6, its client goes away
+    switcher.cancel(gone)
+    running.release()
+    assert await serve_all(tickets) == ["a", "a", "b", "b"]
+    log = "\n".join(f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records)
+    for line in (
+        "request #2 for a waits (1 waiting)",
+        "request #6 for a left the queue (its client went away)",
+        "stopping llm-backend-tabbyapi-c.service (switch)",
+        "stopped llm-backend-tabbyapi-c.service",
+        "loading a: starting llm-backend-llamacpp-a.service",
+        "serving 2 waiting request(s) for a: #2 #4",
+        "serving 2 waiting request(s) for b: #3 #5",
+    ):
+        assert f"INFO llm_router.switcher: {line}" in log
+    # tests/e2e/storm.py reads exactly these lines: one load per batch of waiting requests, nothing amiss.
+    everything = {"a", "b", "c"}
+    replay = SwitchReplay.parse(
+        log,
+        {m: everything - {m} for m in everything},
+        set(),
+        {m.unit: m.id for m in switcher.config.models.values()},
+    )
+    assert replay.problems == []
+    assert replay.loads == replay.needed == Counter({"a": 1, "b": 1, "c": 1})
+    assert (replay.waited, replay.left, replay.alternations) == (6, 1, 2)
 
 
 async def test_unit_that_exits_fails_every_waiter_with_log_lines_and_next_request_retries(parts):
