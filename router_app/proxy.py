@@ -324,7 +324,11 @@ class _Answer:
         if self.lease is not None:
             # Loaded: open the engine before answering, so its refusals keep their HTTP status.
             sent_at = time.monotonic()
-            opened = await self._open()
+            try:
+                opened = await self._open()
+            except asyncio.CancelledError:  # the client left before the engine's answer began
+                self.record("cancelled")
+                raise
             if isinstance(opened, _Refusal):
                 self.record("error")
                 return opened.result()
