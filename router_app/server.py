@@ -12,6 +12,7 @@ from pathlib import Path
 
 import h11
 from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.typing import (
@@ -35,9 +36,8 @@ KEEP_ALIVE_TIMEOUT = 20.0
 """Seconds an idle client connection stays open (hypercorn's default is 5 s). Clients must close an idle connection
 before the server does: with equal timeouts (httpx's pool expires idle connections at 5 s too) a request sent on a
 reused connection just as the server closes it gets no answer at all ("Server disconnected without sending a
-response"). 20 s is above the idle expiry of httpx (5 s), aiohttp (15 s, Open-WebUI) and Node (5 s), and short
-enough that connections a client closed (hypercorn notices only at this timeout: CLOSE-WAIT) cost little; the
-unit raises LimitNOFILE for busy hosts."""
+response"). 20 s is above the idle expiry of httpx (5 s), aiohttp (15 s, Open-WebUI) and Node (5 s). A connection
+the client closes is closed at once (`_read_then_stop_idle_timer`)."""
 
 
 def hypercorn_config(config: RouterConfig) -> HypercornConfig:
@@ -120,6 +120,19 @@ async def _send_protocol_error(self: H11Protocol, status_code: int) -> None:
 
 
 H11Protocol._send_error_response = _send_protocol_error  # type: ignore[method-assign]
+
+_read_until_closed = TCPServer._read_data
+
+
+async def _read_then_stop_idle_timer(self: TCPServer) -> None:
+    # hypercorn 0.18 closes a connection only once every task of its task group ended, and the keep-alive timer is
+    # one of them: a client's close of an idle connection left the socket in CLOSE-WAIT for keep_alive_timeout.
+    # Nothing can arrive after the client's end of stream, so the timer has nothing left to guard.
+    await _read_until_closed(self)
+    await self.idle_task.stop()
+
+
+TCPServer._read_data = _read_then_stop_idle_timer  # type: ignore[method-assign]
 
 
 def serve(config_dir: Path) -> int:

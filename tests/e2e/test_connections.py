@@ -157,3 +157,33 @@ def test_answer_before_the_body_ends_closes_the_connection(tmp_path: Path) -> No
         assert closed > 0, "no answer went out before its body ended: the test did not exercise the case"
     finally:
         env.stop()
+
+
+def _close_wait_sockets(port: int) -> int:
+    """Sockets of the router's port in CLOSE-WAIT (the peer closed, the router has not): /proc/net/tcp state 08."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "08":
+            count += 1
+    return count
+
+
+def test_connections_the_client_closes_are_closed_at_once(tmp_path: Path) -> None:
+    """hypercorn kept a connection whose client had closed it in CLOSE-WAIT until its keep-alive timer ran out
+    (20 s): a busy host collected thousands of dead sockets. Now the router closes its end as soon as it reads
+    the client's end of stream."""
+    env = make_env(tmp_path)
+    env.start()
+    try:
+        for path in ("/health", "/v1/models", "/metrics"):
+            for _ in range(5):
+                with socket.create_connection(("127.0.0.1", BASE_PORT), timeout=10) as sock:
+                    _raw_request(sock, path)
+        # Before the fix all 15 stayed in CLOSE-WAIT for 20 s; now they go within milliseconds.
+        deadline = time.monotonic() + 3
+        while _close_wait_sockets(BASE_PORT) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _close_wait_sockets(BASE_PORT) == 0
+    finally:
+        env.stop()
