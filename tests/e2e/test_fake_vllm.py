@@ -65,7 +65,8 @@ def port_open(port: int) -> bool:
 
 
 def chat(text: str, stream: bool = False, **extra: Any) -> dict[str, Any]:
-    return {"model": "whatever", "stream": stream, "messages": [{"role": "user", "content": text}], **extra}
+    # No `model`: vLLM then serves its own (any other name than --served-model-name is a 404, tested below).
+    return {"stream": stream, "messages": [{"role": "user", "content": text}], **extra}
 
 
 def sse_data(raw: bytes) -> list[Any]:
@@ -250,8 +251,10 @@ def test_errors_are_nested_and_midstream_error_then_done(start: Callable[..., Vl
     err = json.loads(body)
     assert status == 400 and set(err) == {"error"}
     assert err["error"]["type"] == "BadRequestError" and err["error"]["code"] == 400 and err["error"]["param"] is None
-    status, _, body = request(eng.port, "POST", "/v1/chat/completions", {"model": "x"})
+    status, _, body = request(eng.port, "POST", "/v1/chat/completions", {})
     assert status == 400 and "messages" in json.loads(body)["error"]["message"]
+    status, _, body = request(eng.port, "POST", "/v1/chat/completions", chat("hi", model="other-model"))
+    assert status == 404 and json.loads(body)["error"]["message"] == "The model `other-model` does not exist."
     status, _, raw = request(eng.port, "POST", "/v1/chat/completions", chat("[[error-midstream]]", stream=True))
     events = sse_data(raw)
     assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "InternalServerError"
