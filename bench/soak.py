@@ -15,8 +15,8 @@ stream ends with [DONE] and no error event); anything else counts as an error.
 Samples: the router process's VmRSS (/proc/PID/status) and its open descriptors (/proc/PID/fd; TCP sockets in
 CLOSE-WAIT, closed by the client but not yet by the router, counted apart from /proc/net/tcp) every `--interval` s
 (10). The first minute (`--warmup` s) is warm-up. At its end and at the end of the run the traffic pauses until
-nothing is in flight and idle connections are gone (`--quiet-wait`, 80 s: longer than the router's keep-alive
-timeout of 75 s, until which it keeps a connection the client closed); those two quiet samples are compared.
+nothing is in flight and idle connections are gone (`--quiet-wait`, 25 s: longer than the router's keep-alive
+timeout of 20 s for connections the clients leave open); those two quiet samples are compared.
 
 Pass: RSS growth after warm-up < 5 % (quiet end vs quiet warm-up, and the largest loaded sample vs the first
 loaded one after warm-up), quiet descriptor counts equal within --fd-tolerance (3), descriptors other than
@@ -317,7 +317,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=60, help="seconds of warm-up")
     parser.add_argument("--fd-tolerance", type=int, default=3)
     parser.add_argument(
-        "--quiet-wait", type=float, default=80, help="seconds idle before a quiet sample (> the router's keep-alive)"
+        "--quiet-wait", type=float, default=25, help="seconds idle before a quiet sample (> the router's keep-alive)"
     )
     parser.add_argument("--base-port", type=int, default=18370, help="router port; engines use the next five")
     parser.add_argument("--seed", type=int, default=1)
