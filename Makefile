@@ -35,7 +35,7 @@ test-openwebui: venv
 
 # The role in systemd-nspawn boxes with real systemd (needs root): the issue-3 inventory, then several engines at
 # once (resources, idle unload, preload, aliases, /models/load|unload through polkit), then a fleet of two boxes
-# (playbooks/site.yml, a rolling upgrade while clients stream, a model reload; ~5 min, see molecule/fleet/README.md).
+# (playbooks/site.yml, a rolling upgrade while clients stream, a model reload; 3-5 min, see molecule/fleet/README.md).
 test-molecule: venv
 	$(BIN)/molecule test -s default
 	$(BIN)/molecule test -s lifecycle
