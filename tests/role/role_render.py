@@ -6,12 +6,14 @@ touched), so what is tested is exactly what a converge runs: role defaults and v
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +67,16 @@ RENDER_PLAY = """
         - {src: tabbyapi-config.yml.j2, dest: tabbyapi-config.yml}
         - {src: polkit.rules.j2, dest: 50-llm-router.rules}
 """
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """A Python file of the role (a filter plugin: not importable as a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass

@@ -11,11 +11,8 @@ templates), stay the same: like node_exporter's CI diff of specs and defaults, b
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -26,7 +23,7 @@ from hypothesis import strategies as st
 from router_app import config as router_config
 from router_app import switcher
 from router_app.cli import main as router_cli
-from tests.role.role_render import ROLE, render
+from tests.role.role_render import ROLE, load_module, render
 
 
 def _load(path: Path) -> Any:
@@ -37,17 +34,7 @@ VARS: dict[str, Any] = _load(ROLE / "vars" / "main.yml")
 OPTIONS: dict[str, Any] = _load(ROLE / "meta" / "argument_specs.yml")["argument_specs"]["main"]["options"]
 
 
-def _plugin() -> ModuleType:
-    path = ROLE / "filter_plugins" / "llm_router_lifecycle.py"
-    spec = importlib.util.spec_from_file_location("llm_router_lifecycle_shared", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-PLUGIN = _plugin()
+PLUGIN = load_module(ROLE / "filter_plugins" / "llm_router_lifecycle.py", "llm_router_lifecycle_shared")
 
 
 def test_model_id_pattern_is_the_routers() -> None:

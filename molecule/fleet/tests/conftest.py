@@ -94,10 +94,7 @@ class FleetHost:
 
 @pytest.fixture(scope="session")
 def molecule_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("MOLECULE_INVENTORY_FILE", "ANSIBLE_CONFIG", "ANSIBLE_ROLES_PATH"):
-        assert env.get(key), f"{key} is not set: run these tests through `molecule verify`/`molecule test`"
-    return env
+    return dict(helpers.require_molecule_env())
 
 
 @pytest.fixture(scope="session")
@@ -111,13 +108,7 @@ def fleet(molecule_env: dict[str, str]) -> list[FleetHost]:
     return hosts
 
 
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"after {timeout:g} s: {what}")
+wait_for = helpers.wait_for
 
 
 def run_playbook(
