@@ -1,7 +1,8 @@
 """A changed model `args` takes effect on the next request (issue 12): the role asks each router to unload that
 model (its engine unit stops), the other engines keep running, the router is not restarted, and `--check --diff`
-names the model beforehand without touching anything. Runs after test_20 (the upgraded wheel is installed; the same
-wheel is passed so the router itself has nothing to change)."""
+names the model beforehand without touching anything. A model added (new Conflicts= lines only) reloads nothing.
+Runs after test_20 (the upgraded wheel is installed; the same wheel is passed so the router itself has nothing to
+change)."""
 
 from __future__ import annotations
 
@@ -74,8 +75,21 @@ def test_changed_args_reload_that_model_only(
             assert host.unit_pid(unit_of(kept)) == before[host.name][kept], (host.name, kept)
     record(results_file, "args_reload", {"check_seconds": round(check_seconds, 1), "apply_seconds": round(seconds, 1)})
 
+    # A model added: every unit that can never run beside it gets a new Conflicts= line ([Unit] only), which
+    # reloads nothing; a second run changes nothing.
+    running = {h.name: {m: h.unit_pid(unit_of(m)) for m in (CHANGED, *KEPT)} for h in fleet}
+    added = {"id": "added", "backend": "vllm", "model": "/models/added", "needs": {"gpu": 20}}
+    extra["llm_router_models"] = [*models, added]
+    rc, output, add_seconds = run_playbook(molecule_env, tmp_path, extra)
+    assert rc == 0, output[-6000:]
+    assert "reload " not in output.split("Reload the models whose running engine has old settings")[-1].split("TASK")[0]
+    for host in fleet:
+        conflicts = host.run(f"systemctl show -P Conflicts {unit_of(CHANGED)}").stdout
+        assert unit_of("added") in conflicts, (host.name, conflicts)
+        assert {m: host.unit_pid(unit_of(m)) for m in (CHANGED, *KEPT)} == running[host.name], host.name
     rc, output, again_seconds = run_playbook(molecule_env, tmp_path, extra)
     assert rc == 0, output[-6000:]
     recap = [ln for ln in output.splitlines() if "llmr-fleet-" in ln and "changed=" in ln]
     assert recap and all("changed=0" in ln for ln in recap), recap
+    record(results_file, "model_added_seconds", round(add_seconds, 1))
     record(results_file, "args_reload_second_run_seconds", round(again_seconds, 1))
