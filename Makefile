@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv lint test test-unit test-e2e test-openwebui test-molecule test-real demo demo-down bench bench-proxy clean
+.PHONY: venv lint test test-unit test-e2e test-openwebui test-molecule test-fleet test-real demo demo-down bench bench-proxy clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,16 @@ test-openwebui: venv
 	$(BIN)/pytest -q tests/openwebui
 
 # The role in systemd-nspawn boxes with real systemd (needs root): the issue-3 inventory, then several engines at
-# once (resources, idle unload, preload, aliases, /models/load|unload through polkit).
+# once (resources, idle unload, preload, aliases, /models/load|unload through polkit), then a fleet of two boxes
+# (playbooks/site.yml, a rolling upgrade while clients stream, a model reload; 3-5 min, see molecule/fleet/README.md).
 test-molecule: venv
 	$(BIN)/molecule test -s default
 	$(BIN)/molecule test -s lifecycle
+	$(BIN)/molecule test -s fleet
+
+# The fleet scenario alone.
+test-fleet: venv
+	$(BIN)/molecule test -s fleet
 
 # A real llama-server through the role-deployed router in the demo box (brought up when it is not running).
 test-real: venv

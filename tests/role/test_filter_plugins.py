@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from tests.role.role_render import load_module
+
 PLUGIN = Path(__file__).resolve().parents[2] / "roles/llm_router/filter_plugins/llm_router_lifecycle.py"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("llm_router_lifecycle", PLUGIN)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-lc = _load()
+lc = load_module(PLUGIN, "llm_router_lifecycle")
 PORTS = {"llamacpp": 8085, "sglang": 30000, "tabbyapi": 5000}
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,11 +206,32 @@ class BackgroundStream(threading.Thread):
             self.progressed.set()
 
 
+MOLECULE_ENV_KEYS = ("MOLECULE_INVENTORY_FILE", "ANSIBLE_CONFIG", "ANSIBLE_ROLES_PATH")
+
+
+def require_molecule_env() -> dict[str, str]:
+    """What a nested ansible-playbook run needs (molecule's inventory and ansible.cfg), or a failure saying how to
+    run the tests (molecule/lifecycle and molecule/fleet)."""
+    env = dict(os.environ)
+    for key in MOLECULE_ENV_KEYS:
+        assert env.get(key), f"{key} is not set: run these tests through `molecule verify`/`molecule test`"
+    return env
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"after {timeout:g} s: {what}")
+
+
 @pytest.fixture(scope="session")
 def molecule_env() -> dict[str, str]:
     """What a nested ansible-playbook run needs: molecule's inventory and ansible.cfg (ROLES_PATH etc.)."""
     env = dict(os.environ)
-    for key in ("MOLECULE_INVENTORY_FILE", "ANSIBLE_CONFIG", "ANSIBLE_ROLES_PATH"):
+    for key in MOLECULE_ENV_KEYS:
         if not env.get(key):
             pytest.skip(f"{key} is not set: run these tests through `molecule verify`/`molecule test`")
     return env

@@ -7,10 +7,8 @@ conftest modules do not collide); the inventory is ../group_vars/llm_routers.yml
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +85,7 @@ def units_conflict(a: str, b: str) -> bool:
     return not fit_together(a, b) and not asleep_beside(a, b) and not asleep_beside(b, a)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"after {timeout:g} s: {what}")
+wait_for = helpers.wait_for
 
 
 @pytest.fixture(scope="session")
@@ -116,10 +108,7 @@ def client(router_url: str, api_key: str) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def molecule_env() -> dict[str, str]:
     """What a nested ansible-playbook run needs: molecule's inventory and ansible.cfg (ROLES_PATH etc.)."""
-    env = dict(os.environ)
-    for key in ("MOLECULE_INVENTORY_FILE", "ANSIBLE_CONFIG", "ANSIBLE_ROLES_PATH"):
-        assert env.get(key), f"{key} is not set: run these tests through `molecule verify`/`molecule test`"
-    return env
+    return dict(helpers.require_molecule_env())
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,212 @@
+"""A rolling router upgrade while people chat (issue 12): playbooks/site.yml with a changed wheel and serial: 1,
+while clients stream long answers from both hosts.
+
+Pass: no answer dropped or truncated (every stream that got its 200 ends with its finish chunk and [DONE] and
+carries every token of the fake engine's answer), each host's router restarted exactly once, llmr-fleet-a's back
+up before llmr-fleet-b's stops, answers in flight at each restart finished, the engines kept running (adopted by
+the new router), the new version installed. A request that reached no router (connection refused while one
+restarts) is retried by the client, as a load balancer would; those are counted, not hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from conftest import HOSTS, ROUTER_UNIT, FleetHost, record, run_playbook, unit_of
+
+TOKENS = 120
+DELAY = 0.04  # ~5 s per answer
+CLIENTS_PER_HOST = 2
+EXPECTED = "".join(f"tok{i}" if i == 1 else f" tok{i}" for i in range(1, TOKENS + 1))
+
+
+@dataclass
+class Answer:
+    host: str
+    started: float
+    ended: float = 0.0
+    status: int = 0
+    done: bool = False
+    content: str = ""
+    finish: list[str] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return (
+            self.status == 200 and self.done and not self.error and self.content == EXPECTED and self.finish == ["stop"]
+        )
+
+
+class Chatter(threading.Thread):
+    """Streams long answers from one host until told to stop; retries requests that reached no router."""
+
+    def __init__(self, host: FleetHost, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.host, self.stop = host, stop
+        self.answers: list[Answer] = []
+        self.unanswered: list[tuple[float, str]] = []
+
+    def run(self) -> None:
+        body = {
+            "model": "chat",
+            "stream": True,
+            "messages": [{"role": "user", "content": f"[[tokens:{TOKENS}]] [[delay:{DELAY}]] a long answer"}],
+        }
+        headers = {"X-LLM-Router-Annotate": "off"}  # the fake's exact text, no footer
+        with self.host.client(read=60) as client:
+            while not self.stop.is_set():
+                answer = Answer(self.host.name, time.time())
+                try:
+                    with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp:
+                        answer.status = resp.status_code
+                        self._read(resp, answer)
+                except httpx.TransportError as exc:
+                    if answer.status == 0:  # no response at all: the router was not there
+                        self.unanswered.append((time.time(), type(exc).__name__))
+                        time.sleep(0.1)
+                        continue
+                    answer.error = f"{type(exc).__name__}: {exc}"
+                answer.ended = time.time()
+                self.answers.append(answer)
+
+    @staticmethod
+    def _read(resp: httpx.Response, answer: Answer) -> None:
+        if resp.status_code != 200:
+            resp.read()
+            answer.error = resp.text[:300]
+            return
+        parts: list[str] = []
+        for line in resp.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                answer.done = True
+                continue
+            event = json.loads(data)
+            if "error" in event:
+                answer.error = json.dumps(event["error"])[:300]
+            for choice in event.get("choices") or []:
+                parts.append((choice.get("delta") or {}).get("content") or "")
+                if choice.get("finish_reason"):
+                    answer.finish.append(choice["finish_reason"])
+        answer.content = "".join(parts)
+
+
+def _installed_version(host: FleetHost) -> str:
+    cmd = "/opt/llm-router/venv/bin/python -c 'import importlib.metadata as m; print(m.version(\"llm-router\"))'"
+    return str(host.run(cmd).stdout.strip())
+
+
+def _restarts(host: FleetHost, since: float) -> dict[str, list[float]]:
+    """When systemd began stopping the router, when the new one was started, when it listened."""
+    out: dict[str, list[float]] = {"stopping": [], "started": [], "listening": []}
+    for ts, message in host.journal(ROUTER_UNIT, since):
+        if message.startswith("Stopping llm-router.service"):
+            out["stopping"].append(ts)
+        elif message.startswith("Started llm-router.service"):
+            out["started"].append(ts)
+        elif "llm-router listening on" in message:
+            out["listening"].append(ts)
+    return out
+
+
+def test_rolling_upgrade_drops_no_answer(
+    fleet: list[FleetHost],
+    molecule_env: dict[str, str],
+    tmp_path: Path,
+    upgraded_wheel: Path,
+    results_file: Path,
+) -> None:
+    old_version = {h.name: _installed_version(h) for h in fleet}
+    router_pids = {h.name: h.unit_pid(ROUTER_UNIT) for h in fleet}
+    for host in fleet:  # the chat engine runs before the upgrade (a switch is not what is measured here)
+        with host.client() as client:
+            body = {"model": "chat", "max_tokens": 2, "messages": [{"role": "user", "content": "warm up"}]}
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+    engine_pids = {h.name: {m: h.unit_pid(unit_of(m)) for m in ("chat", "embed")} for h in fleet}
+
+    stop = threading.Event()
+    chatters = [Chatter(h, stop) for h in fleet for _ in range(CLIENTS_PER_HOST)]
+    for c in chatters:
+        c.start()
+    deadline = time.monotonic() + 60
+    while not all(c.answers for c in chatters) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(c.answers for c in chatters), "the clients never completed a first answer"
+
+    begin = time.time()
+    rc, output, seconds = run_playbook(
+        molecule_env,
+        tmp_path,
+        {"llm_router_wheel": str(upgraded_wheel), "llm_router_serial": 1, "llm_router_max_fail_percentage": 0},
+    )
+    end = time.time()
+    time.sleep(3)  # the upgraded fleet serves too
+    stop.set()
+    for c in chatters:
+        c.join(timeout=60)
+    assert rc == 0, output[-6000:]
+
+    answers = [a for c in chatters for a in c.answers]
+    unanswered = [(c.host.name, ts, kind) for c in chatters for ts, kind in c.unanswered]
+    during = [a for a in answers if a.ended >= begin and a.started <= end]
+    dropped = [a for a in answers if not a.complete]
+    restarts = {h.name: _restarts(h, begin - 1) for h in fleet}
+    in_flight_at_stop = {
+        name: sum(1 for a in answers if a.host == name and a.started < r["stopping"][0] < a.ended)
+        for name, r in restarts.items()
+        if r["stopping"]
+    }
+    figures: dict[str, Any] = {
+        "playbook_seconds": round(seconds, 1),
+        "answers_total": len(answers),
+        "answers_during_upgrade": {h: sum(1 for a in during if a.host == h) for h in HOSTS},
+        "answers_in_flight_when_their_router_stopped": in_flight_at_stop,
+        "dropped_or_truncated": len(dropped),
+        "requests_that_reached_no_router_retried": {h: sum(1 for u in unanswered if u[0] == h) for h in HOSTS},
+        # ConnectError: the port was closed (the router restarting); RemoteProtocolError: a connection the stopping
+        # router closed without an answer (an idle keep-alive one it shut, or one still in its accept queue).
+        "requests_that_reached_no_router_by_kind": {
+            k: sum(1 for u in unanswered if u[2] == k) for k in {u[2] for u in unanswered}
+        },
+        "router_down_seconds": {
+            n: round(r["started"][0] - r["stopping"][0], 2)
+            for n, r in restarts.items()
+            if r["started"] and r["stopping"]
+        },
+        "restart_order": [
+            n
+            for n, _ in sorted(
+                ((n, r["stopping"][0]) for n, r in restarts.items() if r["stopping"]), key=lambda x: x[1]
+            )
+        ],
+        "versions": {h.name: [old_version[h.name], _installed_version(h)] for h in fleet},
+    }
+    record(results_file, "rolling_upgrade", figures)
+    record(
+        results_file,
+        "rolling_upgrade_dropped_examples",
+        [asdict(a) | {"content": a.content[-80:]} for a in dropped[:5]],
+    )
+
+    assert dropped == [], f"{len(dropped)} answers dropped or truncated: {figures}"
+    for name in HOSTS:
+        r = restarts[name]
+        assert len(r["stopping"]) == 1 and len(r["started"]) == 1 and len(r["listening"]) == 1, (name, r)
+    a, b = restarts[HOSTS[0]], restarts[HOSTS[1]]
+    assert a["started"][0] < b["stopping"][0], f"{HOSTS[1]} stopped before {HOSTS[0]} was back: {restarts}"
+    assert all(figures["answers_during_upgrade"][h] > 0 for h in HOSTS), figures
+    for host in fleet:
+        assert host.unit_pid(ROUTER_UNIT) != router_pids[host.name]
+        assert _installed_version(host) == upgraded_wheel.name.split("-")[1], host.name
+        assert _installed_version(host) != old_version[host.name]
+        # The engines were not restarted: the new router adopted them.
+        assert {m: host.unit_pid(unit_of(m)) for m in ("chat", "embed")} == engine_pids[host.name], host.name
