@@ -12,6 +12,7 @@ from router_app import errors, lifecycle
 from router_app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from router_app.proxy import SSE_HEADERS, ProxyRequest, RequestKind, handle_model_request
 from router_app.service import RouterService
+from router_app.units import UnitError
 
 log = logging.getLogger("llm_router.http")
 
@@ -102,7 +103,10 @@ def create_app(service: RouterService) -> Quart:
     async def unload_model() -> dict[str, Any]:
         require_key()
         model = lifecycle.requested_model(await request.get_data(as_text=False), service.switcher)
-        await service.switcher.unload(model)
+        try:
+            await service.switcher.unload(model)
+        except UnitError as exc:  # systemd refused to stop a unit the router had not started
+            raise errors.bad_gateway(f"could not unload model {model!r}: {exc}", code="unit_error") from exc
         return {"success": True}
 
     @app.delete("/models")

@@ -299,6 +299,7 @@ class Switcher:
         self._fail_waiters(model_id, SwitchFailed(model_id, "the model was unloaded (POST /models/unload)"))
         slot = self.slots.get(model_id)
         if slot is None:
+            await self._stop_untracked(self.config.models[model_id])
             return
         if slot.state is SlotState.LOADING and slot.task is not None:
             # Never cancel the load task: it may be inside `systemctl start`. It checks this flag at every step
@@ -308,6 +309,18 @@ class Switcher:
             slot.unload_requested = True
             self._schedule()
         await slot.stopped.wait()
+
+    async def _stop_untracked(self, model: ModelConfig) -> None:
+        """A unit that runs without the router knowing (started by hand after the router came up): an unload must
+        stop it too, or an engine whose settings changed keeps running with the old ones (the role reloads changed
+        engines through POST /models/unload). Raises UnitError when systemd refuses."""
+        if await self._unit_state(model.unit) not in ("active", "activating", "reloading"):
+            return
+        if model.id in self.slots:  # a request started it meanwhile: the router owns it now
+            await self.unload(model.id)
+            return
+        log.info("unloading %s: unit %s runs without the router having started it; stopping it", model.id, model.unit)
+        await self.services.stop(model.unit)
 
     def cancel(self, ticket: Ticket) -> None:
         """The client went away: leave the queue. A load already under way goes on for the next request."""

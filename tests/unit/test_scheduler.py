@@ -239,6 +239,14 @@ async def test_unload_waits_for_answers_in_flight() -> None:
     assert unit("a") not in systemd.running
 
 
+async def test_unload_stops_a_unit_the_router_did_not_start() -> None:
+    switcher, systemd, _, _ = make({"a": None})
+    systemd.running.add(unit("a"))  # started by hand after the router came up: no slot
+    await asyncio.wait_for(switcher.unload("a"), 5)
+    assert unit("a") not in systemd.running
+    await asyncio.wait_for(switcher.unload("a"), 5)  # not running: nothing to do
+
+
 async def test_aliases_and_the_current_model() -> None:
     switcher, _, clock, _ = make(
         {"a": 5, "b": 5, "c": 10}, preload=["b"], aliases={"a": ("alpha",)}, current_alias="current"
