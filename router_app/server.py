@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+from collections.abc import Mapping
 from http import HTTPStatus
 from itertools import chain
 from pathlib import Path
@@ -40,9 +42,23 @@ response"). 20 s is above the idle expiry of httpx (5 s), aiohttp (15 s, Open-We
 the client closes is closed at once (`_read_then_stop_idle_timer`)."""
 
 
-def hypercorn_config(config: RouterConfig) -> HypercornConfig:
+SD_LISTEN_FDS_START = 3
+"""The first descriptor systemd passes to a socket-activated service (sd_listen_fds(3))."""
+
+
+def inherited_listener(environ: Mapping[str, str], pid: int) -> int | None:
+    """The listening socket systemd passed (llm-router.socket), or None when the router must bind itself.
+
+    With the socket held by systemd, a restart refuses no client: connections wait in the socket's backlog until the
+    new router accepts them."""
+    if environ.get("LISTEN_PID") != str(pid) or environ.get("LISTEN_FDS") != "1":
+        return None
+    return SD_LISTEN_FDS_START
+
+
+def hypercorn_config(config: RouterConfig, listener_fd: int | None = None) -> HypercornConfig:
     hc = HypercornConfig()
-    hc.bind = [f"{config.listen_host}:{config.listen_port}"]
+    hc.bind = [f"fd://{listener_fd}" if listener_fd is not None else f"{config.listen_host}:{config.listen_port}"]
     # In-process, one worker: one switcher owns engine state, and SIGTERM reaches our own loop (notes/streaming.md).
     hc.workers = 0
     # Streams still running when shutdown_grace ends get an error event (service.end_streams); hypercorn waits a little
@@ -161,8 +177,16 @@ async def _serve(config_dir: Path, config: RouterConfig) -> None:
     loop.add_signal_handler(signal.SIGTERM, begin_shutdown)
     loop.add_signal_handler(signal.SIGINT, begin_shutdown)
     loop.add_signal_handler(signal.SIGHUP, service.reload)
+    listener_fd = inherited_listener(os.environ, os.getpid())
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for the systemctl processes we run
+        os.environ.pop(name, None)
     log.info(
-        "llm-router listening on %s:%d with %d model(s)", config.listen_host, config.listen_port, len(config.models)
+        "llm-router listening on %s:%d%s with %d model(s)",
+        config.listen_host,
+        config.listen_port,
+        " (socket from systemd)" if listener_fd is not None else "",
+        len(config.models),
     )
-    await hypercorn_serve(CloseUnreadRequests(app), hypercorn_config(config), shutdown_trigger=stop.wait)
+    hc = hypercorn_config(config, listener_fd)
+    await hypercorn_serve(CloseUnreadRequests(app), hc, shutdown_trigger=stop.wait)
     log.info("llm-router stopped")

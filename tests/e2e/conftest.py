@@ -143,19 +143,28 @@ class RouterEnv:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return [r for r in rows if kind is None or r.get("event") == kind]
 
-    def start(self) -> None:
-        # A router (or engine) left over from an earlier run would answer /health in this router's place.
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                raise RuntimeError(f"port {self.port} is already in use: a leftover router? (ss -ltnp)")
+    def start(self, listener: socket.socket | None = None) -> None:
+        """Start the router; with `listener`, hand it that listening socket the way systemd's socket activation does
+        (descriptor 3, LISTEN_FDS=1, LISTEN_PID = the router's pid) instead of letting it bind."""
+        command = [sys.executable, "-m", "router_app", "serve", "--config-dir", str(self.config_dir)]
+        passed: tuple[int, ...] = ()
+        if listener is None:
+            # A router (or engine) left over from an earlier run would answer /health in this router's place.
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    raise RuntimeError(f"port {self.port} is already in use: a leftover router? (ss -ltnp)")
+        else:
+            passed = (listener.fileno(),)
+            # The pid survives exec, so LISTEN_PID is the router's, as systemd sets it after fork.
+            activate = (
+                "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); os.execv(sys.argv[2], sys.argv[2:])"
+            )
+            command = [sys.executable, "-c", activate, str(listener.fileno()), *command]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "router_app", "serve", "--config-dir", str(self.config_dir)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, pass_fds=passed
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -7,7 +7,11 @@ Real router process (hypercorn on 127.0.0.1), real sockets; nothing here loads a
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -187,3 +191,74 @@ def test_connections_the_client_closes_are_closed_at_once(tmp_path: Path) -> Non
         assert _close_wait_sockets(BASE_PORT) == 0
     finally:
         env.stop()
+
+
+def test_a_restart_refuses_no_client_when_systemd_holds_the_socket(tmp_path: Path) -> None:
+    """With llm-router.socket (systemd socket activation) the listening socket outlives the router process: while
+    one router stops and the next starts, new connections wait in the backlog and are answered, none is refused.
+    The test holds the socket itself and passes it the way systemd does."""
+    env = make_env(tmp_path)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", BASE_PORT))
+    listener.listen(1024)
+    answered: list[float] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:  # a new connection each time: the case a restart used to refuse
+                with httpx.Client(base_url=env.base, timeout=30) as fresh:
+                    status = fresh.get("/v1/models", headers=AUTH).status_code
+                if status == 200:
+                    answered.append(time.monotonic())
+                else:
+                    failures.append(f"HTTP {status}")
+            except httpx.TransportError as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+            time.sleep(0.01)
+
+    try:
+        env.start(listener)
+        assert "(socket from systemd)" in env.log()
+        worker = threading.Thread(target=client)
+        worker.start()
+        time.sleep(0.5)
+        assert env.process is not None
+        env.process.send_signal(signal.SIGTERM)
+        env.process.wait(15)
+        stopped_at = time.monotonic()
+        time.sleep(0.5)  # nobody accepts now: clients wait in the backlog
+        env.start(listener)
+        time.sleep(0.5)
+        stop.set()
+        worker.join(30)
+        assert failures == [], failures[:5]
+        assert any(t > stopped_at for t in answered), "no request was answered after the restart"
+        gap = min(t for t in answered if t > stopped_at) - stopped_at
+        print(f"\n{len(answered)} requests answered across a restart, 0 refused; the first after it waited {gap:.2f} s")
+    finally:
+        stop.set()
+        env.stop()
+        listener.close()
+
+
+def test_wait_ready_waits_for_an_answer_not_for_a_connect(tmp_path: Path) -> None:
+    """The unit's `ExecStartPost=llm-router wait-ready`: with the socket held by systemd a TCP connect succeeds before
+    any router runs, so readiness is an answer to GET /health."""
+    env = make_env(tmp_path)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", BASE_PORT))
+    listener.listen(16)
+    wait = [sys.executable, "-m", "router_app", "wait-ready", "--config-dir", str(env.config_dir)]
+    try:
+        early = subprocess.run([*wait, "--timeout", "1"], capture_output=True, text=True, timeout=30)
+        assert early.returncode == 1 and "did not answer GET http://127.0.0.1:18305/health" in early.stderr
+        env.start(listener)
+        ready = subprocess.run([*wait, "--timeout", "10"], capture_output=True, text=True, timeout=30)
+        assert ready.returncode == 0, ready.stderr
+    finally:
+        env.stop()
+        listener.close()

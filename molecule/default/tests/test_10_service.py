@@ -19,6 +19,14 @@ def test_router_unit_active_and_enabled(box: Any) -> None:
     assert box.run(f"systemctl is-enabled {ROUTER_UNIT}").stdout.strip() == "enabled"
 
 
+def test_systemd_holds_the_routers_listening_socket(box: Any) -> None:
+    # llm-router.socket: a restart of the router refuses no client (connections wait in the socket's backlog).
+    assert is_active(box, "llm-router.socket") == "active"
+    assert box.run("systemctl is-enabled llm-router.socket").stdout.strip() == "enabled"
+    assert box.run("systemctl show -P Listen llm-router.socket").stdout.strip() == "127.0.0.1:18302 (Stream)"
+    assert box.run("systemctl show -P Triggers llm-router.socket").stdout.strip() == ROUTER_UNIT
+
+
 def test_router_runs_as_its_own_user(box: Any) -> None:
     pid = main_pid(box)
     assert pid > 0

@@ -23,6 +23,7 @@ DEPLOYED = (
     f"{CONFIG_DIR}/models.yml",
     "/etc/systemd/system/llm-backend-*.service",
     "/etc/systemd/system/llm-router.service",
+    "/etc/systemd/system/llm-router.socket",
     "/opt/llm-router/engines/*",
     "/etc/polkit-1/rules.d/*llm-router*",
 )

@@ -198,6 +198,8 @@ def test_rolling_upgrade_drops_no_answer(
     )
 
     assert dropped == [], f"{len(dropped)} answers dropped or truncated: {figures}"
+    # systemd holds the listening socket (llm-router.socket): a restarting router refuses no connection.
+    assert figures["requests_that_reached_no_router_by_kind"].get("ConnectError", 0) == 0, figures
     for name in HOSTS:
         r = restarts[name]
         assert len(r["stopping"]) == 1 and len(r["started"]) == 1 and len(r["listening"]) == 1, (name, r)
