@@ -150,6 +150,26 @@ async def _read_then_stop_idle_timer(self: TCPServer) -> None:
 
 TCPServer._read_data = _read_then_stop_idle_timer  # type: ignore[method-assign]
 
+ARRIVING_REQUEST_GRACE = 1.0
+"""Seconds a connection without a request yet stays open once shutdown began (see `_idle_timeout_at_shutdown`)."""
+
+
+async def _idle_timeout_at_shutdown(self: TCPServer) -> None:
+    # hypercorn 0.18 closes every connection without a request in progress the moment shutdown begins, also one it
+    # accepted an instant earlier whose request is on its way: that client gets no answer at all ("Server
+    # disconnected without sending a response"), the one race left when systemd holds the socket across a restart.
+    # Give such a request a moment: once it arrives the connection is busy, hypercorn cancels this timer and serves it.
+    try:
+        await asyncio.wait_for(self.context.terminated.wait(), self.config.keep_alive_timeout)
+    except asyncio.TimeoutError:
+        pass
+    else:
+        await asyncio.sleep(ARRIVING_REQUEST_GRACE)
+    await asyncio.shield(self._initiate_server_close())
+
+
+TCPServer._idle_timeout = _idle_timeout_at_shutdown  # type: ignore[method-assign]
+
 
 def serve(config_dir: Path) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True)
