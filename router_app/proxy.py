@@ -21,7 +21,7 @@ from router_app.chunks import ChunkFactory, StatusChannel, append_footer, encode
 from router_app.relay import StreamRelay
 from router_app.requests import ClientRequest, parse_request
 from router_app.service import RouterService
-from router_app.speed import HEADER_TOKENS_PER_SECOND, speed_from_response
+from router_app.speed import HEADER_TOKENS_PER_SECOND, Speed, speed_from_response
 from router_app.sse import KEEPALIVE_EVENT, encode_json_event
 from router_app.switcher import Lease, QueueFull, SwitchFailed, Ticket
 from router_app.upstream import EngineFailed, EngineLost, EngineReply, RelayEnd, ShuttingDown, relay_stream
@@ -184,11 +184,10 @@ class _Answer:
         if ticket is not None:
             self.service.switcher.cancel(ticket)
 
-    def record(self, outcome: str, first_token: float | None = None, relay: StreamRelay | None = None) -> None:
+    def record(self, outcome: str, first_token: float | None = None, speed: Speed | None = None) -> None:
         """The request's outcome for the metrics, once."""
         if not self._recorded:
             self._recorded = True
-            speed = None if relay is None else relay.meter.result()
             self.service.metrics.answer(self.plan.target_id, outcome, first_token, speed)
 
     # ----- the engine exchange, one rule for every path --------------------------------------------------------------
@@ -306,8 +305,7 @@ class _Answer:
                     data["usage"] = {**usage, **speed.usage_extras(total)}
                 if plan.footer and self.service.config.footer_non_streaming:
                     data = append_footer(data, speed.footer())
-        self._recorded = True
-        self.service.metrics.answer(plan.target_id, "ok", total, speed)
+        self.record("ok", total, speed)
         log.info(
             "%s request for %s: HTTP %d in %.2f s%s",
             plan.kind,
@@ -438,8 +436,10 @@ class _Answer:
             failed = relay.saw_error or end.failure is not None
             outcome = "error" if failed else "ok" if relay.saw_finish else "cancelled"
             first_text_at = relay.meter.first_text_at
-            self.record(outcome, None if first_text_at is None else first_text_at - plan.received_at, relay)
-            _log_stream(plan, relay, end)
+            first_token = None if first_text_at is None else first_text_at - plan.received_at
+            speed = relay.meter.result()
+            self.record(outcome, first_token, speed)
+            _log_stream(plan, relay, failed, speed)
         if end.failure is None:
             return
         log.warning("model %s: %s", plan.model_id, end.failure)
@@ -483,9 +483,8 @@ class ManagedStream:
         self._run_cleanup()
 
 
-def _log_stream(plan: _Plan, relay: StreamRelay, end: RelayEnd) -> None:
-    speed = relay.meter.result()
-    outcome = "error" if relay.saw_error or end.failure else "complete" if relay.saw_finish else "cut short"
+def _log_stream(plan: _Plan, relay: StreamRelay, failed: bool, speed: Speed | None) -> None:
+    outcome = "error" if failed else "complete" if relay.saw_finish else "cut short"
     figures = f", {speed.tokens} tokens at {speed.tokens_per_second:.1f} tok/s" if speed else ""
     log.info("%s stream for %s: %s%s", plan.kind, plan.model_id, outcome, figures)
     if relay.dropped:
