@@ -153,12 +153,15 @@ def stream_chat(
     model: str,
     prompt: str = "Say hello.",
     on_event: Callable[[Stream], None] | None = None,
+    headers: dict[str, str] | None = None,
+    into: Stream | None = None,
     **extra: Any,
 ) -> Stream:
-    """POST a streamed chat completion and collect it; `on_event` sees the stream after each data event."""
+    """POST a streamed chat completion and collect it; `on_event` sees the stream after each data event. `into`
+    collects into a Stream the caller holds: after a transport error its `status` says whether an answer began."""
     body = {"model": model, "stream": True, "messages": [{"role": "user", "content": prompt}], **extra}
-    result = Stream()
-    with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+    result = Stream() if into is None else into
+    with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp:
         result.status = resp.status_code
         if resp.status_code != 200:
             resp.read()

@@ -10,15 +10,14 @@ restarts) is retried by the client, as a load balancer would; those are counted,
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import HOSTS, ROUTER_UNIT, FleetHost, record, run_playbook, unit_of
+from conftest import HOSTS, ROUTER_UNIT, FleetHost, Stream, record, run_playbook, stream_chat, unit_of
 
 TOKENS = 120
 DELAY = 0.04  # ~5 s per answer
@@ -31,17 +30,34 @@ class Answer:
     host: str
     started: float
     ended: float = 0.0
-    status: int = 0
-    done: bool = False
-    content: str = ""
-    finish: list[str] = field(default_factory=list)
-    error: str = ""
+    stream: Stream = field(default_factory=Stream)
+    broken: str = ""
+    """The connection failed after the answer began."""
 
     @property
     def complete(self) -> bool:
+        s = self.stream
         return (
-            self.status == 200 and self.done and not self.error and self.content == EXPECTED and self.finish == ["stop"]
+            s.status == 200
+            and s.done
+            and not s.error
+            and not self.broken
+            and s.content == EXPECTED
+            and s.finish_reasons == ["stop"]
         )
+
+    def summary(self) -> dict[str, Any]:
+        s = self.stream
+        return {
+            "host": self.host,
+            "started": self.started,
+            "ended": self.ended,
+            "status": s.status,
+            "done": s.done,
+            "finish": s.finish_reasons,
+            "error": (self.broken or s.error)[:300],
+            "content": s.content[-80:],
+        }
 
 
 class Chatter(threading.Thread):
@@ -54,50 +70,21 @@ class Chatter(threading.Thread):
         self.unanswered: list[tuple[float, str]] = []
 
     def run(self) -> None:
-        body = {
-            "model": "chat",
-            "stream": True,
-            "messages": [{"role": "user", "content": f"[[tokens:{TOKENS}]] [[delay:{DELAY}]] a long answer"}],
-        }
+        prompt = f"[[tokens:{TOKENS}]] [[delay:{DELAY}]] a long answer"
         headers = {"X-LLM-Router-Annotate": "off"}  # the fake's exact text, no footer
         with self.host.client(read=60) as client:
             while not self.stop.is_set():
                 answer = Answer(self.host.name, time.time())
                 try:
-                    with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp:
-                        answer.status = resp.status_code
-                        self._read(resp, answer)
+                    stream_chat(client, "chat", prompt, headers=headers, into=answer.stream)
                 except httpx.TransportError as exc:
-                    if answer.status == 0:  # no response at all: the router was not there
+                    if answer.stream.status == 0:  # no response at all: the router was not there
                         self.unanswered.append((time.time(), type(exc).__name__))
                         time.sleep(0.1)
                         continue
-                    answer.error = f"{type(exc).__name__}: {exc}"
+                    answer.broken = f"{type(exc).__name__}: {exc}"
                 answer.ended = time.time()
                 self.answers.append(answer)
-
-    @staticmethod
-    def _read(resp: httpx.Response, answer: Answer) -> None:
-        if resp.status_code != 200:
-            resp.read()
-            answer.error = resp.text[:300]
-            return
-        parts: list[str] = []
-        for line in resp.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                answer.done = True
-                continue
-            event = json.loads(data)
-            if "error" in event:
-                answer.error = json.dumps(event["error"])[:300]
-            for choice in event.get("choices") or []:
-                parts.append((choice.get("delta") or {}).get("content") or "")
-                if choice.get("finish_reason"):
-                    answer.finish.append(choice["finish_reason"])
-        answer.content = "".join(parts)
 
 
 def _installed_version(host: FleetHost) -> str:
@@ -194,7 +181,7 @@ def test_rolling_upgrade_drops_no_answer(
     record(
         results_file,
         "rolling_upgrade_dropped_examples",
-        [asdict(a) | {"content": a.content[-80:]} for a in dropped[:5]],
+        [a.summary() for a in dropped[:5]],
     )
 
     assert dropped == [], f"{len(dropped)} answers dropped or truncated: {figures}"
